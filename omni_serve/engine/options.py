@@ -1,0 +1,48 @@
+"""Per-request settings, kept apart from the loop that applies them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling, stopping and streaming policy of one request.
+
+    temperature 0 means greedy. Audio is vocoded once `first_chunk_units` units are waiting (small =
+    low latency), then every `chunk_units` units, and at the end.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    first_chunk_units: int = 10
+    chunk_units: int = 40
+    vocode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.first_chunk_units < 1 or self.chunk_units < 1:
+            raise ValueError("chunk sizes must be at least 1 unit")
+
+
+@dataclass
+class SpeechRequest:
+    """One user turn: 16 kHz mono speech, options, and optionally a conversation to continue.
+
+    `prompt` is a complete prompt text with `<speech>` placeholders, for clients of the reference
+    that build their own; normally the model's prompt format builds it.
+    """
+
+    audio: np.ndarray
+    options: GenerationOptions = GenerationOptions()
+    conversation_id: str | None = None
+    prompt: str | None = None

@@ -1,0 +1,168 @@
+"""Streaming CTC speech-unit decoder (LLaMA-Omni's `speech_generator`).
+
+Attribute names equal the checkpoint keys (`input_proj`, `layers.N.self_attn.q_proj`, ...), so
+loading is a plain `load_state_dict`. The decoder is causal, so it runs incrementally: each new
+LLM hidden state adds `upsample_factor` positions that attend to a key/value cache of everything
+before them. The units for earlier tokens never change, which is what makes streaming exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (computed in float32, as the checkpoint was trained)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn, bias=False)
+        self.up_proj = nn.Linear(dim, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class DecoderCache:
+    """Keys and values of every decoder layer for one stream; `length` positions so far."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length, _ = x.shape
+        shape = (batch, length, self.heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        offset = k.shape[2] - length
+        if offset == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+        else:
+            query_pos = torch.arange(offset, offset + length, device=x.device)[:, None]
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= query_pos
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), k, v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = CausalSelfAttention(config.hidden_size, config.num_attention_heads)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attended, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past)
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class CTCSpeechGenerator(nn.Module):
+    """LLM hidden states -> CTC unit logits, `upsample_factor` positions per hidden state."""
+
+    def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int) -> None:
+        super().__init__()
+        dim = layer_config.hidden_size
+        self.upsample_factor = upsample_factor
+        self.blank_id = unit_vocab_size
+        self.input_proj = nn.Linear(llm_hidden, dim)
+        self.layers = nn.ModuleList(DecoderLayer(layer_config) for _ in range(layer_config.num_hidden_layers))
+        self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
+        inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, hidden: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
+        """Logits (batch, N * upsample_factor, units + 1) for N new hidden states; extends `cache` in place."""
+        x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
+        x = x.repeat_interleave(self.upsample_factor, dim=1)
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :].float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = (angles.cos() * self.rope_scaling).to(x.dtype)
+        sin = (angles.sin() * self.rope_scaling).to(x.dtype)
+        for index, layer in enumerate(self.layers):
+            past = (cache.keys[index], cache.values[index]) if cache is not None and cache.length else None
+            x, k, v = layer(x, cos, sin, past)
+            if cache is not None:
+                if cache.length:
+                    cache.keys[index], cache.values[index] = k, v
+                else:
+                    cache.keys.append(k)
+                    cache.values.append(v)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.output_proj(x)
+
+
+def _rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies with the LLM's rope settings (llama3 scaling for the published model)."""
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type == "default":
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+def ctc_collapse(frames: list[int], blank_id: int, previous: int | None = None) -> list[int]:
+    """CTC decoding of argmax frames: merge repeats, drop blanks.
+
+    `previous` is the last frame of the preceding chunk, so a repeat that spans two streaming steps
+    is one unit, and a blank between two equal frames keeps them apart.
+    """
+    units = []
+    for frame in frames:
+        if frame != previous and frame != blank_id:
+            units.append(frame)
+        previous = frame
+    return units

@@ -1,0 +1,54 @@
+"""Shared fixtures: the reference parity data (copied from the reference run) and engines built on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+FIXTURES = Path(__file__).parent / "fixtures" / "llama-omni-ref"
+MODEL_DIR = FIXTURES / "omni-tiny-ref"
+VOCODER_DIR = FIXTURES / "vocoder-tiny-ref"
+QUESTIONS = ("q1", "q2")
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict:
+    return json.loads((FIXTURES / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def intermediates() -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(FIXTURES / "intermediates.safetensors")
+
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    from omni_serve.model.loader import load_model
+
+    return load_model(MODEL_DIR, vocoder=VOCODER_DIR, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(fixture_model):
+    from omni_serve.engine import Engine
+
+    engine = Engine(fixture_model)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def question_audio() -> dict[str, np.ndarray]:
+    from omni_serve.engine import load_audio
+
+    return {q: load_audio(FIXTURES / "inputs" / f"{q}.wav") for q in QUESTIONS}
