@@ -180,3 +180,30 @@ def test_events_come_in_order_with_timings(engine, question_audio):
     assert 0 < timings.first_token_s <= timings.first_audio_s <= timings.total_s
     audio = sum(e.samples.size for e in events if isinstance(e, AudioChunk))
     assert timings.audio_s == pytest.approx(audio / 16000)
+
+
+def test_history_ids_equal_the_whole_conversation_rendered_at_once(fixture_model):
+    from omni_serve.engine.prompting import PromptBuilder
+    from omni_serve.model.prompt import tokenize_speech_prompt
+
+    tokenizer, template = fixture_model.tokenizer, fixture_model.template
+    builder = PromptBuilder(fixture_model, tokenizer.eos_token_id)
+    content = builder.user_content(True, None)
+    pieces = builder.turn_ids(content, True) + builder.answer_ids("Paris is the capital.") + builder.turn_ids(content, False)
+    whole = (template.opening() + template.user_turn() + "Paris is the capital.<|eot_id|>"
+             + template.after_answer + template.user_turn())
+    assert pieces == tokenize_speech_prompt(tokenizer, whole, first=True)
+    assert builder.user_content(False, "What is the capital of France?") == "What is the capital of France?"
+
+
+def test_history_and_typed_text_requests(engine, question_audio):
+    from omni_serve.engine import PastTurn
+
+    plain = _run(engine, question_audio["q2"], max_new_tokens=8)[-1]
+    history = [PastTurn(answer="Paris is the capital.", audio=question_audio["q1"])]
+    events = list(engine.generate(SpeechRequest(question_audio["q2"], GenerationOptions(max_new_tokens=8), history=history)))
+    assert isinstance(events[-1], Finished) and events[-1].token_ids != plain.token_ids
+    typed = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=8), text="What is the capital of France?")))
+    assert isinstance(typed[-1], Finished) and typed[-1].token_ids
+    empty = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=8))))
+    assert isinstance(empty[-1], ErrorEvent) and "audio or text" in empty[-1].message

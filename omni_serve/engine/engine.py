@@ -24,6 +24,7 @@ from omni_serve.engine.batch import DecodeBatch
 from omni_serve.engine.detokenizer import Detokenizer
 from omni_serve.engine.events import AudioChunk, ErrorEvent, Event, Finished, TextDelta, Timings, UnitChunk
 from omni_serve.engine.options import SpeechRequest
+from omni_serve.engine.prompting import PromptBuilder
 from omni_serve.engine.sampling import choose_token
 from omni_serve.engine.state import Conversation, RequestState
 from omni_serve.model.audio import AudioLimits, validate_waveform
@@ -50,6 +51,7 @@ class Engine:
         tokenizer = model.tokenizer
         self.eos_ids = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
         self.end_of_turn_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.eos_ids)
+        self._prompts = PromptBuilder(model, self.end_of_turn_id)
         self._inbox: queue.Queue[RequestState] = queue.Queue()
         self._active: list[RequestState] = []
         self._batch = DecodeBatch()
@@ -168,29 +170,33 @@ class Engine:
 
     def _start(self, state: RequestState) -> None:
         request, model = state.request, self.model
-        validate_waveform(request.audio, self.audio_limits)
         began = time.perf_counter()
-        with torch.inference_mode():
-            speech = model.front_end.encode(np.ascontiguousarray(request.audio, dtype=np.float32))
+        speech = [self._encode(request.audio)] if request.audio is not None else []
+        history_speech = [self._encode(turn.audio) for turn in request.history if turn.audio is not None]
         state.encode_s = time.perf_counter() - began
         conversation = self._conversation(request)
         state.conversation = conversation
         reuse = conversation is not None and conversation.cache is not None
+        content = self._prompts.user_content(request.audio is not None, request.text)
         if request.prompt is not None:
             new_ids = tokenize_speech_prompt(model.tokenizer, request.prompt, first=True)
         elif conversation is not None and conversation.ids:
-            turn = model.template.after_answer + model.template.user_turn()
-            new_ids = conversation.unfed + tokenize_speech_prompt(model.tokenizer, turn, first=False)
+            new_ids = conversation.unfed + self._prompts.turn_ids(content, first=False)
         else:
-            turn = model.template.opening() + model.template.user_turn()
-            new_ids = tokenize_speech_prompt(model.tokenizer, turn, first=True)
+            new_ids = []
+            for index, turn in enumerate(request.history):
+                turn_content = self._prompts.user_content(turn.audio is not None, turn.text)
+                new_ids += self._prompts.turn_ids(turn_content, first=index == 0)
+                new_ids += self._prompts.answer_ids(turn.answer)
+            new_ids += self._prompts.turn_ids(content, first=not request.history)
+            speech = history_speech + speech
         if conversation is not None and conversation.ids and not reuse:  # recompute the whole history
             prefix_ids, prefix_speech = conversation.ids, conversation.speech
         else:
             prefix_ids, prefix_speech = [], []
-        state.prompt_ids, state.prompt_speech = new_ids, [speech]
+        state.prompt_ids, state.prompt_speech = new_ids, speech
         with torch.inference_mode():
-            embeds = model.network.embed_prompt(prefix_ids + new_ids, prefix_speech + [speech])
+            embeds = model.network.embed_prompt(prefix_ids + new_ids, prefix_speech + speech)
             cache = conversation.cache if reuse else model.network.new_cache()
             start = cache.get_seq_length()
             total = start + embeds.shape[1] + request.options.max_new_tokens
@@ -209,6 +215,11 @@ class Engine:
         else:
             self._batch.add(cache, cache.get_seq_length())
             self._active.append(state)
+
+    def _encode(self, audio: np.ndarray) -> torch.Tensor:
+        validate_waveform(audio, self.audio_limits)
+        with torch.inference_mode():
+            return self.model.front_end.encode(np.ascontiguousarray(audio, dtype=np.float32))
 
     def _decode_step(self) -> None:
         cancelled = [row for row, state in enumerate(self._active) if state.cancelled.is_set()]

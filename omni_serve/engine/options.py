@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,15 +34,27 @@ class GenerationOptions:
             raise ValueError("chunk sizes must be at least 1 unit")
 
 
+@dataclass(frozen=True)
+class PastTurn:
+    """An earlier exchange sent by a stateless client: what the user said (speech and/or text) and the answer."""
+
+    answer: str
+    audio: np.ndarray | None = None
+    text: str | None = None
+
+
 @dataclass
 class SpeechRequest:
-    """One user turn: 16 kHz mono speech, options, and optionally a conversation to continue.
+    """One user turn: 16 kHz mono speech and/or typed text, options, and the context to continue.
 
-    `prompt` is a complete prompt text with `<speech>` placeholders, for clients of the reference
-    that build their own; normally the model's prompt format builds it.
+    Context is either `conversation_id` (the engine keeps earlier turns and their KV cache) or
+    `history` (earlier turns sent with the request, as the OpenAI API does). `prompt` is a complete
+    prompt text with `<speech>` placeholders, for clients of the reference that build their own.
     """
 
-    audio: np.ndarray
+    audio: np.ndarray | None
     options: GenerationOptions = GenerationOptions()
     conversation_id: str | None = None
     prompt: str | None = None
+    text: str | None = None
+    history: list[PastTurn] = field(default_factory=list)
