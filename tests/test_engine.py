@@ -207,3 +207,20 @@ def test_history_and_typed_text_requests(engine, question_audio):
     assert isinstance(typed[-1], Finished) and typed[-1].token_ids
     empty = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=8))))
     assert isinstance(empty[-1], ErrorEvent) and "audio or text" in empty[-1].message
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_path_runs_end_to_end(dtype, question_audio, expected):
+    """The CUDA dtypes, exercised on CPU: every module must accept half inputs (no GPU in CI)."""
+    from conftest import MODEL_DIR, VOCODER_DIR
+    from omni_serve.engine import Engine
+
+    engine = Engine.from_path(MODEL_DIR, vocoder=VOCODER_DIR, device="cpu", dtype=dtype)
+    try:
+        events = _run(engine, question_audio["q1"], max_new_tokens=8)
+    finally:
+        engine.close()
+    final = events[-1]
+    assert isinstance(final, Finished), getattr(final, "message", "")
+    assert final.token_ids[0] == expected["omni"]["q1"]["generated_ids"][0]  # first-step margin is 0.32
+    assert any(isinstance(e, AudioChunk) for e in events)

@@ -207,6 +207,7 @@ class Engine:
             if conversation is not None:
                 conversation.cache = None  # in use; restored only if this turn completes
             positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
+            state.prompt_positions = start + embeds.shape[1]
             step = model.network.step(embeds, cache, position_ids=positions)
         state.prefill_s = time.perf_counter() - began - state.encode_s
         token = choose_token(step.logits[0], request.options.temperature, request.options.top_p, state.generator)
@@ -301,7 +302,7 @@ class Engine:
         tokens = len(state.token_ids)
         audio_s = state.audio_samples / self.model.vocoder.sample_rate if self.model.vocoder else 0.0
         return Timings(
-            encode_s=state.encode_s, prefill_s=state.prefill_s,
+            prompt_positions=state.prompt_positions, encode_s=state.encode_s, prefill_s=state.prefill_s,
             first_token_s=(state.first_token_at - state.started) if state.first_token_at else None,
             first_audio_s=(state.first_audio_at - state.started) if state.first_audio_at else None,
             total_s=end - state.started,

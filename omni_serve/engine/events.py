@@ -39,8 +39,9 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds from the request's arrival, and rates of the whole answer."""
+    """Seconds from the request's arrival, rates of the whole answer, and the prompt's size in positions."""
 
+    prompt_positions: int = 0
     encode_s: float = 0.0
     prefill_s: float = 0.0
     first_token_s: float | None = None

@@ -54,6 +54,7 @@ class RequestState:
     started: float = field(default_factory=time.perf_counter)
     encode_s: float = 0.0
     prefill_s: float = 0.0
+    prompt_positions: int = 0
     first_token_at: float | None = None
     first_audio_at: float | None = None
     last_token_at: float | None = None

@@ -60,7 +60,22 @@ def load_audio_encoder(path: Path) -> tuple[AudioEncoder, ModelDimensions]:
     encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     encoder.load_state_dict(encoder_state, strict=True)
+    _use_plain_layer_norms(encoder)
     return encoder.eval(), dims
+
+
+def _use_plain_layer_norms(module: torch.nn.Module) -> None:
+    """Swap whisper's LayerNorm (always computes in fp32) for torch's, as the reference does.
+
+    This lets the whole encoder run in fp16/bf16 on a GPU; in fp32 the swap changes nothing.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, whisper.model.LayerNorm):
+            plain = torch.nn.LayerNorm(child.normalized_shape, eps=child.eps)
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, plain)
+        else:
+            _use_plain_layer_norms(child)
 
 
 def log_mel_windows(samples: np.ndarray, n_mels: int) -> torch.Tensor:
