@@ -3,11 +3,19 @@ PIP ?= python3 -m pip
 PIPC = $(PIP) install -q -c constraints.txt
 PY ?= python3
 
-.PHONY: install system-deps test demo bench lint
+.PHONY: install system-deps browser-deps test demo bench lint
+
+# ffmpeg decodes browser audio; espeak-ng is the default model's voice and phonemizer. sudo only when not root.
+SUDO = $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null && echo sudo)
 
 system-deps:
 	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng)
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng)
+
+# Debian's chromium, for the web UI's browser tests (Playwright drives it; no browser download). CI only.
+browser-deps:
+	@command -v chromium >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 install: system-deps
 	$(PIPC) -e '.[test,default]'
@@ -16,6 +24,7 @@ install: system-deps
 test:
 	$(PY) -m pytest -q
 
+# Builds the embedded default model once (cached), then controller + CPU worker + web UI; prints the URL.
 demo: install
 	$(PY) -m omni_serve demo
 

@@ -10,13 +10,23 @@ import sys
 SUBCOMMANDS = {
     "infer": "omni_serve.cli.infer",
     "make-tiny": "omni_serve.cli.make_tiny",
+    "build-default": "omni_serve.cli.build_default",
+    "demo": "omni_serve.cli.demo",
+    "web": "omni_serve.cli.web",
+    "launch": "omni_serve.cli.launch",
+    "controller": "omni_serve.cli.controller",
+    "worker": "omni_serve.cli.worker",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni-serve", description="Serve LLaMA-Omni-style speech language models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in SUBCOMMANDS.items():
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the command being run (a controller or web process then never imports torch); all for --help.
+    chosen = [argv[0]] if argv and argv[0] in SUBCOMMANDS else list(SUBCOMMANDS)
+    for name in chosen:
+        module_name = SUBCOMMANDS[name]
         module = importlib.import_module(module_name)
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)

@@ -9,6 +9,35 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are the used part of buffers that grow by doubling.
+
+    DynamicLayer concatenates at every update, copying the whole cache of every row and layer each
+    decode step (a third of a batched step's time at 8 rows); this writes only the new positions.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.keys.shape[-2] if self.keys.numel() else 0
+        end = used + key_states.shape[-2]
+        if used == 0 or end > self._key_buffer.shape[-2]:
+            self._key_buffer = _grown(self.keys if used else None, key_states, 2 * end)
+            self._value_buffer = _grown(self.values if used else None, value_states, 2 * end)
+        self._key_buffer[..., used:end, :] = key_states
+        self._value_buffer[..., used:end, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+def _grown(old: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
+    buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+    if old is not None:
+        buffer[..., : old.shape[-2], :] = old
+    return buffer
 
 
 def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -16,8 +45,14 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def cache_from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A new cache holding `tensors` (one (keys, values) pair per layer)."""
-    return DynamicCache(ddp_cache_data=tensors)
+    """A new cache holding `tensors` (one (keys, values) pair per layer) in growing buffers."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    for keys, values in tensors:
+        layer = GrowingLayer()
+        layer.update(keys, values)
+        cache.layers.append(layer)
+    return cache
 
 
 class DecodeBatch:
@@ -37,7 +72,7 @@ class DecodeBatch:
         device = tensors[0][0].device
         row_mask = torch.ones(1, length, dtype=torch.long, device=device)
         if self.cache is None:
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache_from_tensors(tensors), row_mask
         else:
             width = max(self.mask.shape[1], length)
             merged = [

@@ -31,6 +31,7 @@ from omni_serve.model.audio import AudioLimits, validate_waveform
 from omni_serve.model.errors import AudioError, AudioTooLongError, ContextLengthError, OmniError
 from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import tokenize_speech_prompt
+from omni_serve.model.units import push_units
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,14 @@ class Engine:
             mask = self._batch.extend_mask()
             step = network.step(embeds, self._batch.cache, attention_mask=mask, position_ids=self._batch.position_ids())
         self._batch.advance()
-        finished = []
+        tokens, texts = [], []
         for row, state in enumerate(self._active):
             options = state.request.options
-            token = choose_token(step.logits[row], options.temperature, options.top_p, state.generator)
-            if self._handle_token(state, token, step.hidden[row]):
-                finished.append(row)
+            tokens.append(choose_token(step.logits[row], options.temperature, options.top_p, state.generator))
+            texts.append(self._accept_token(state, tokens[-1]))
+        with torch.inference_mode():  # all rows' speech decoder steps as one batch
+            units = push_units([state.units for state in self._active], step.hidden, tokens, texts)
+        finished = [row for row, state in enumerate(self._active) if self._deliver(state, texts[row], units[row])]
         for row in finished:
             self._finish(self._active[row], lambda row=row: self._batch.row_cache(row))
         if finished:
@@ -254,16 +257,24 @@ class Engine:
 
     def _handle_token(self, state: RequestState, token: int, hidden: torch.Tensor) -> bool:
         """Record one generated token, emit what it makes final; True when the request is done."""
+        text = self._accept_token(state, token)
+        with torch.inference_mode():
+            units = state.units.push(hidden, token, text)
+        return self._deliver(state, text, units)
+
+    def _accept_token(self, state: RequestState, token: int) -> str:
+        """Record a generated token; its text delta."""
         now = time.perf_counter()
         state.first_token_at = state.first_token_at or now
         state.last_token_at = now
         state.token_ids.append(token)
-        options = state.request.options
         state.stopped_on_eos = token in self.eos_ids
+        return state.detokenizer.push(token)
+
+    def _deliver(self, state: RequestState, text: str, units: list[int]) -> bool:
+        """Emit what the latest token made final (text, units, audio); True when the request is done."""
+        options = state.request.options
         done = state.stopped_on_eos or len(state.token_ids) >= options.max_new_tokens
-        text = state.detokenizer.push(token)
-        with torch.inference_mode():
-            units = state.units.push(hidden, token, text)
         if done:
             text += state.detokenizer.flush()
             units = units + state.units.finish()

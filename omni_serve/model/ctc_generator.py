@@ -50,11 +50,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecoderCache:
-    """Keys and values of every decoder layer for one stream; `length` positions so far."""
+    """Keys and values of every decoder layer for one stream; `length` positions so far.
+
+    They live at the start of buffers that grow by doubling, so a step writes only its own positions
+    instead of copying the whole history (which made long answers cost O(length) per token).
+    """
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (1, heads, new, dim) keys and values after the first `length`; return all of them."""
+        end = self.length + k.shape[2]
+        if layer == len(self.keys):
+            self.keys.append(k.new_empty(*k.shape[:2], max(end, 64), k.shape[3]))
+            self.values.append(v.new_empty(*v.shape[:2], max(end, 64), v.shape[3]))
+        elif end > self.keys[layer].shape[2]:
+            capacity = max(end, 2 * self.keys[layer].shape[2])
+            self.keys[layer] = _grown(self.keys[layer], self.length, capacity)
+            self.values[layer] = _grown(self.values[layer], self.length, capacity)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    bigger = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+    bigger[:, :, :used] = buffer[:, :, :used]
+    return bigger
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,8 +91,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[DecoderCache] | None,
+                layer: int) -> torch.Tensor:
+        """Causal attention over each row's cache (if any) and its new positions; extends the caches."""
         batch, length, _ = x.shape
         shape = (batch, length, self.heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
@@ -76,18 +101,22 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        offset = k.shape[2] - length
-        if offset == 0:
+        if caches is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
-        else:
-            query_pos = torch.arange(offset, offset + length, device=x.device)[:, None]
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= query_pos
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # rows have histories of different lengths: attend row by row
+            rows = []
+            for row, cache in enumerate(caches):
+                offset = cache.length
+                keys, values = cache.extend(layer, k[row : row + 1], v[row : row + 1])
+                if offset == 0:
+                    rows.append(F.scaled_dot_product_attention(q[row : row + 1], keys, values, is_causal=length > 1))
+                else:
+                    query_pos = torch.arange(offset, offset + length, device=x.device)[:, None]
+                    mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= query_pos
+                    rows.append(F.scaled_dot_product_attention(q[row : row + 1], keys, values, attn_mask=mask))
+            out = torch.cat(rows) if len(rows) > 1 else rows[0]
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out), k, v
+        return self.o_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -98,12 +127,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attended, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past)
-        x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[DecoderCache] | None,
+                layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class CTCSpeechGenerator(nn.Module):
@@ -120,27 +147,27 @@ class CTCSpeechGenerator(nn.Module):
         inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, hidden: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
-        """Logits (batch, N * upsample_factor, units + 1) for N new hidden states; extends `cache` in place."""
+    def forward(self, hidden: torch.Tensor, cache: DecoderCache | list[DecoderCache] | None = None) -> torch.Tensor:
+        """Logits (batch, N * upsample_factor, units + 1) for N new hidden states per row.
+
+        Without a cache the rows are whole sequences (the reference's full run). With one cache per
+        row (a single cache for one row), each row continues its own stream and its cache is
+        extended in place; the rows' linear layers run as one batch.
+        """
+        caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
         x = x.repeat_interleave(self.upsample_factor, dim=1)
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.shape[1], device=x.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :].float()
-        angles = torch.cat((freqs, freqs), dim=-1)
+        starts = [c.length for c in caches] if caches is not None else [0]
+        steps = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        positions = torch.tensor(starts, device=x.device, dtype=torch.float32)[:, None] + steps  # (rows, new)
+        freqs = positions[..., None] * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (rows, 1, new, head_dim)
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
         for index, layer in enumerate(self.layers):
-            past = (cache.keys[index], cache.values[index]) if cache is not None and cache.length else None
-            x, k, v = layer(x, cos, sin, past)
-            if cache is not None:
-                if cache.length:
-                    cache.keys[index], cache.values[index] = k, v
-                else:
-                    cache.keys.append(k)
-                    cache.values.append(v)
-        if cache is not None:
-            cache.length += x.shape[1]
+            x = layer(x, cos, sin, caches, index)
+        for c in caches or []:
+            c.length += x.shape[1]
         return self.output_proj(x)
 
 

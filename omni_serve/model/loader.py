@@ -39,9 +39,9 @@ class OmniModel:
         """A fresh per-request unit generator of the kind the config names."""
         if self.config.unit_generator == "ctc":
             return CTCUnitStream(self.network.speech_generator)
-        from omni_serve.model.espeak import EspeakTextUnitStream
+        from omni_serve.model.espeak import EspeakSettings, EspeakTextUnitStream
 
-        return EspeakTextUnitStream()
+        return EspeakTextUnitStream(EspeakSettings.from_extras(self.config.extras))
 
 
 def pick_dtype(device: torch.device, requested: str | None) -> torch.dtype:
@@ -101,13 +101,14 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
 
 
-def build_front_end(config: OmniConfig, network: OmniSpeechLlama, model_dir: Path,
-                    speech_encoder: str | Path | None, device: torch.device, dtype: torch.dtype) -> SpeechFrontEnd:
+def build_front_end(config: OmniConfig, network: OmniSpeechLlama, tokenizer: PreTrainedTokenizerBase,
+                    model_dir: Path, speech_encoder: str | Path | None, device: torch.device,
+                    dtype: torch.dtype) -> SpeechFrontEnd:
     whisper_path = resolve_speech_encoder(config.speech_encoder, model_dir, speech_encoder)
     if config.front_end == "transcription":
         from omni_serve.model.transcription import TranscriptionFrontEnd
 
-        return TranscriptionFrontEnd.load(whisper_path, network, device)
+        return TranscriptionFrontEnd.load(whisper_path, network, tokenizer, device)
     encoder, dims = load_audio_encoder(whisper_path)
     return EncoderAdaptorFrontEnd(encoder.to(device=device, dtype=dtype), network.model.speech_projector, dims.n_mels)
 
@@ -123,9 +124,10 @@ def load_model(model_path: str | Path, vocoder: str | Path | None = None, speech
     torch_dtype = pick_dtype(torch_device, dtype)
     config = OmniConfig.from_file(model_dir / "config.json")
     network = load_network(config, model_dir, torch_device, torch_dtype)
-    front_end = build_front_end(config, network, model_dir, speech_encoder, torch_device, torch_dtype)
+    tokenizer = load_tokenizer(model_dir)
+    front_end = build_front_end(config, network, tokenizer, model_dir, speech_encoder, torch_device, torch_dtype)
     vocoder_dir = Path(vocoder).expanduser() if vocoder else (model_dir / "vocoder" if (model_dir / "vocoder").is_dir() else None)
     unit_vocoder = build_vocoder(config, vocoder_dir, torch_device) if vocoder_dir or config.vocoder != "hifigan" else None
-    return OmniModel(config=config, tokenizer=load_tokenizer(model_dir), network=network, front_end=front_end,
+    return OmniModel(config=config, tokenizer=tokenizer, network=network, front_end=front_end,
                      template=template_from_config(config.extras), vocoder=unit_vocoder, device=torch_device,
                      name=config.extras.get("name", model_dir.name))

@@ -56,10 +56,18 @@ class CTCUnitStream:
         self.last_frame: int | None = None
         self.frames: list[int] = []
 
-    @torch.inference_mode()
     def push(self, hidden: torch.Tensor, token_id: int, text: str) -> list[int]:
-        logits = self.generator(hidden.view(1, 1, -1), self.cache)
-        frames = logits[0].argmax(dim=-1).tolist()
+        return self.push_many([self], hidden.view(1, -1))[0]
+
+    @staticmethod
+    @torch.inference_mode()
+    def push_many(streams: list["CTCUnitStream"], hidden: torch.Tensor) -> list[list[int]]:
+        """One new hidden state (row of `hidden`) per stream, decoded in one batched pass."""
+        generator = streams[0].generator
+        logits = generator(hidden.unsqueeze(1), [stream.cache for stream in streams])
+        return [stream._collapse(frames) for stream, frames in zip(streams, logits.argmax(dim=-1).tolist())]
+
+    def _collapse(self, frames: list[int]) -> list[int]:
         units = ctc_collapse(frames, self.generator.blank_id, self.last_frame)
         self.last_frame = frames[-1]
         self.frames.extend(frames)
@@ -69,42 +77,69 @@ class CTCUnitStream:
         return []
 
 
+def push_units(streams: list[UnitStream], hidden: torch.Tensor, tokens: list[int], texts: list[str]) -> list[list[int]]:
+    """`push` on every stream (row of `hidden`); CTC streams sharing a decoder run as one batch."""
+    results: list[list[int]] = [[] for _ in streams]
+    batches: dict[int, list[int]] = {}
+    for row, stream in enumerate(streams):
+        if isinstance(stream, CTCUnitStream):
+            batches.setdefault(id(stream.generator), []).append(row)
+        else:
+            results[row] = stream.push(hidden[row], tokens[row], texts[row])
+    for rows in batches.values():
+        selected = hidden[rows[0] : rows[0] + 1] if len(rows) == 1 else hidden[rows]
+        for row, units in zip(rows, CTCUnitStream.push_many([streams[r] for r in rows], selected)):
+            results[row] = units
+    return results
+
+
 class HiFiGANStream:
     """Streams a unit HiFi-GAN so that the joined output equals whole-utterance vocoding.
 
-    Durations of a unit depend on `context_units` neighbours each side, and each output sample on
-    `receptive` frames each side. A push finalises what its right context already determines and
-    synthesises only the new samples, with enough left context to be exact. `lookahead` below the
-    receptive field trades exactness at joins for lower latency.
+    Durations of a unit depend on `context_units` neighbours each side. Frames go into the model's
+    `SynthesisStream`, which returns every sample its inputs already determine, computing each
+    once. `lookahead_frames` caps what is emitted at that many frames before the last one; below
+    the exact lag (about `receptive_field_frames`) the missing samples are guessed by flushing a copy
+    of the state as if the answer ended there: lower latency, inexact at the joins.
     """
 
     def __init__(self, model: UnitHiFiGAN, lookahead_frames: int | None = None) -> None:
         self.model = model
         self.receptive = model.receptive_field_frames()
-        self.lookahead = self.receptive if lookahead_frames is None else lookahead_frames
+        self.lookahead = lookahead_frames
         self.context_units = model.dur_predictor.context_units if model.dur_predictor is not None else 0
         self.units: list[int] = []
         self.durations: list[int] = []
         self.frame_units: list[int] = []
-        self.emitted_frames = 0
+        self.synthesis = model.synthesis_stream()
+        self.fed_frames = 0
+        self.exact = torch.zeros(0)  # exact samples not yet emitted, starting at sample `exact_from`
+        self.exact_from = 0
+        self.emitted = 0  # samples emitted (exact or guessed)
 
     @torch.inference_mode()
     def push(self, units: list[int], final: bool) -> np.ndarray:
         self.units.extend(u for u in units if u >= 0)
         self._finalise_durations(final)
-        available = len(self.frame_units)
-        target = available if final else available - self.lookahead
-        if target <= self.emitted_frames:
-            return np.zeros(0, dtype=np.float32)
-        start = max(0, self.emitted_frames - self.receptive)
-        end = available if final else min(available, target + self.receptive)
-        device = self.model.dict.weight.device
-        window = torch.tensor([self.frame_units[start:end]], device=device)
-        audio = self.model.synthesize(self.model.frames(window, None))
-        spf = self.model.samples_per_frame
-        new = audio[(self.emitted_frames - start) * spf : (target - start) * spf]
-        self.emitted_frames = target
-        return new.float().cpu().numpy()
+        ids = torch.tensor([self.frame_units[self.fed_frames :]], dtype=torch.long, device=self.model.dict.weight.device)
+        self.fed_frames = len(self.frame_units)
+        new = self.synthesis.push(self.model.frames(ids, None), final).float().cpu()
+        self.exact = torch.cat([self.exact, new])
+        exact_end = self.exact_from + self.exact.numel()
+        if final or self.lookahead is None:
+            limit = exact_end
+        else:
+            limit = max(0, len(self.frame_units) - self.lookahead) * self.model.samples_per_frame
+        pieces = [self.exact[max(0, self.emitted - self.exact_from) : max(0, limit - self.exact_from)]]
+        if limit > max(self.emitted, exact_end):  # lookahead below the exact lag: guess the rest
+            guess = self.synthesis.clone().push(self.model.frames(ids[:, :0], None), final=True).float().cpu()
+            start = max(self.emitted, exact_end)
+            pieces.append(guess[start - exact_end : limit - exact_end])
+        out = torch.cat(pieces)
+        self.emitted += out.numel()
+        drop = min(self.exact.numel(), max(0, self.emitted - self.exact_from))
+        self.exact, self.exact_from = self.exact[drop:], self.exact_from + drop
+        return out.numpy()
 
     def _finalise_durations(self, final: bool) -> None:
         done, total = len(self.durations), len(self.units)
@@ -138,9 +173,9 @@ class HiFiGANUnitVocoder:
 def build_vocoder(config: OmniConfig, folder: Path | None, device: torch.device) -> UnitVocoder:
     """The vocoder a model folder asks for: HiFi-GAN files in `folder`, or espeak-ng for phoneme units."""
     if config.vocoder == "espeak":
-        from omni_serve.model.espeak import EspeakVocoder
+        from omni_serve.model.espeak import EspeakSettings, EspeakVocoder
 
-        return EspeakVocoder()
+        return EspeakVocoder(EspeakSettings.from_extras(config.extras))
     if folder is None:
         raise CheckpointError("this model needs a vocoder folder (--vocoder DIR with config.json and g_XXXXXXXX)")
     return HiFiGANUnitVocoder(load_unit_hifigan(folder).to(device))

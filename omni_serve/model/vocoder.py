@@ -8,6 +8,7 @@ inference runs ordinary convolutions. Module names follow fairseq's, which keeps
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from omni_serve.model.errors import CheckpointError
 
 INNER_SLOPE = 0.1  # leaky ReLU slope inside the network
 FINAL_SLOPE = 0.01  # torch's default slope, used once before conv_post (as fairseq does)
+TILE_FRAMES = 64  # frames per step of whole-utterance synthesis (keeps activations in the CPU cache)
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,19 @@ class UnitHiFiGAN(nn.Module):
         """Whole-utterance vocoding of (1, units) ids; negative ids are dropped first."""
         units = units[units >= 0].view(1, -1)
         durations = self.durations(units) if use_durations else None
-        return self.synthesize(self.frames(units, durations))
+        return self.synthesize_in_tiles(self.frames(units, durations))
+
+    def synthesize_in_tiles(self, frames: torch.Tensor, tile: int = TILE_FRAMES) -> torch.Tensor:
+        """`synthesize` through a `SynthesisStream`, `tile` frames at a time: the same samples, and
+        faster on CPU, where a whole utterance's activations do not fit in the cache."""
+        stream = self.synthesis_stream()
+        count = frames.shape[2]
+        return torch.cat([stream.push(frames[:, :, i : i + tile], final=i + tile >= count)
+                          for i in range(0, max(count, 1), tile)])
+
+    def synthesis_stream(self) -> "SynthesisStream":
+        """Incremental, exact `synthesize`: push frames, get every sample they already determine."""
+        return SynthesisStream(self)
 
     def receptive_field_frames(self) -> int:
         """Frames on each side that can change one output sample (an upper bound, measured in tests)."""
@@ -172,6 +186,143 @@ class UnitHiFiGAN(nn.Module):
             reach += block_reach / rate
         reach += 3 / rate  # conv_post
         return math.ceil(reach) + 1
+
+
+class SynthesisStream:
+    """`UnitHiFiGAN.synthesize` run incrementally, computing every sample once.
+
+    Each convolution keeps the input samples its next outputs still need (its left context) and
+    outputs only samples whose inputs have all arrived, so the output lags the input by the
+    network's reach and the joined output equals `synthesize` over all frames. Chunks stay small
+    enough for the cache, which makes this faster than one whole-utterance pass on CPU.
+    """
+
+    def __init__(self, model: UnitHiFiGAN) -> None:
+        num_kernels = len(model.config.resblock_kernel_sizes)
+        self.pre = _StreamConv(model.conv_pre)
+        self.stages = [
+            _StreamStage(up, model.resblocks[stage * num_kernels : (stage + 1) * num_kernels])
+            for stage, up in enumerate(model.ups)
+        ]
+        self.post = _StreamConv(model.conv_post)
+
+    def push(self, frames: torch.Tensor, final: bool) -> torch.Tensor:
+        """(1, dim, new frames) -> (new samples,); `final` flushes the end of the utterance."""
+        x = self.pre(frames, final)
+        for stage in self.stages:
+            x = stage(x, final)
+        x = self.post(F.leaky_relu(x, FINAL_SLOPE), final)
+        return torch.tanh(x).view(-1)
+
+    def clone(self) -> "SynthesisStream":
+        """An independent copy of the state (to flush speculatively without disturbing this one)."""
+        twin = copy.copy(self)
+        twin.pre, twin.post = self.pre.clone(), self.post.clone()
+        twin.stages = [stage.clone() for stage in self.stages]
+        return twin
+
+
+class _StreamConv:
+    """A same-padded Conv1d on a stream: holds the last 2 * pad inputs (zeros before the start)."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        self.conv = conv
+        self.pad = conv.padding[0]
+        self.held: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+        conv, pad = self.conv, self.pad
+        parts = [x.new_zeros(1, x.shape[1], pad) if self.held is None else self.held, x]
+        if final:
+            parts.append(x.new_zeros(1, x.shape[1], pad))
+        window = torch.cat(parts, dim=2)
+        self.held = window[:, :, max(0, window.shape[2] - 2 * pad) :].clone()
+        if window.shape[2] <= 2 * pad:
+            return x.new_zeros(1, conv.out_channels, 0)
+        return F.conv1d(window, conv.weight, conv.bias, dilation=conv.dilation)
+
+    def clone(self) -> "_StreamConv":
+        return copy.copy(self)  # tensors are replaced, never written in place
+
+
+class _StreamUpsample:
+    """The ConvTranspose1d of a stage on a stream: output t needs inputs (t + pad - kernel + 1) / rate .. (t + pad) / rate."""
+
+    def __init__(self, up: nn.ConvTranspose1d) -> None:
+        self.up = up
+        self.rate, self.kernel, self.pad = up.stride[0], up.kernel_size[0], up.padding[0]
+        self.held: torch.Tensor | None = None
+        self.first = 0  # input index of held[..., 0]
+        self.emitted = 0  # outputs given so far
+
+    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+        up, rate, pad = self.up, self.rate, self.pad
+        window = x if self.held is None else torch.cat([self.held, x], dim=2)
+        inputs = self.first + window.shape[2]
+        end = inputs * rate if final else inputs * rate - pad  # outputs before `end` have all their inputs
+        if end <= self.emitted:
+            self.held = window
+            return x.new_zeros(1, up.out_channels, 0)
+        full = F.conv_transpose1d(window, up.weight, up.bias, stride=rate)  # full[u] is output u + first * rate - pad
+        offset = self.first * rate - pad
+        out = full[:, :, self.emitted - offset : end - offset]
+        keep_from = min(inputs, max(0, -(-(end + pad - self.kernel + 1) // rate)))
+        self.held = window[:, :, keep_from - self.first :].clone()
+        self.first, self.emitted = keep_from, end
+        return out
+
+    def clone(self) -> "_StreamUpsample":
+        return copy.copy(self)
+
+
+class _StreamResBlock:
+    """ResBlock1 on a stream: each skip input waits for its (lagging) convolution output."""
+
+    def __init__(self, block: ResBlock) -> None:
+        self.convs = [(_StreamConv(dilated), _StreamConv(plain)) for dilated, plain in zip(block.convs1, block.convs2)]
+        self.skips: list[torch.Tensor | None] = [None] * len(self.convs)
+
+    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+        for index, (dilated, plain) in enumerate(self.convs):
+            inner = F.leaky_relu(dilated(F.leaky_relu(x, INNER_SLOPE), final), INNER_SLOPE)
+            y = plain(inner, final)
+            skip = x if self.skips[index] is None else torch.cat([self.skips[index], x], dim=2)
+            ready = y.shape[2]
+            self.skips[index] = skip[:, :, ready:]
+            x = skip[:, :, :ready] + y
+        return x
+
+    def clone(self) -> "_StreamResBlock":
+        twin = copy.copy(self)
+        twin.convs = [(dilated.clone(), plain.clone()) for dilated, plain in self.convs]
+        twin.skips = list(self.skips)
+        return twin
+
+
+class _StreamStage:
+    """leaky ReLU -> upsample -> mean of the stage's resblocks, whose outputs lag by different amounts."""
+
+    def __init__(self, up: nn.ConvTranspose1d, blocks: nn.ModuleList) -> None:
+        self.up = _StreamUpsample(up)
+        self.blocks = [_StreamResBlock(block) for block in blocks]
+        self.waiting: list[torch.Tensor | None] = [None] * len(self.blocks)
+
+    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+        x = self.up(F.leaky_relu(x, INNER_SLOPE), final)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            y = block(x, final)
+            outputs.append(y if self.waiting[index] is None else torch.cat([self.waiting[index], y], dim=2))
+        ready = min(y.shape[2] for y in outputs)
+        self.waiting = [y[:, :, ready:] for y in outputs]
+        return sum(y[:, :, :ready] for y in outputs) / len(self.blocks)
+
+    def clone(self) -> "_StreamStage":
+        twin = copy.copy(self)
+        twin.up = self.up.clone()
+        twin.blocks = [block.clone() for block in self.blocks]
+        twin.waiting = list(self.waiting)
+        return twin
 
 
 def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

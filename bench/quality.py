@@ -1,0 +1,393 @@
+"""Quality of the embedded default model (omni-smol): understanding, speech, latency, memory.
+
+Every held-out question is spoken by espeak-ng voices that no part of the model was trained or
+tuned on, answered through the engine (the serving path: transcription front end, LLM, unit
+stream, vocoder), and compared with:
+- understanding: the LLM's answer to the same question typed as text (same prompt, greedy):
+  exact match, ROUGE-L F1, and whether the question's key word appears in the answer;
+- speech: Whisper tiny.en's transcript of the spoken answer against the answer's text (WER),
+  beside the WER of espeak-ng reading that text directly (same voice settings as the vocoder);
+- latency: time from the request to its first audio chunk, in-process through the engine, and
+  with `--stack` also through the full stack (`omni-serve launch`: controller + one CPU worker,
+  HTTP streaming), where the worker's own peak RSS is read too;
+- memory: peak RSS of this process (model, engine and benchmark together).
+Every figure is printed as measured over the whole set; nothing is selected.
+
+    python bench/quality.py [--quick] [--stack] [--json OUT.json] [--model-path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from whisper.normalizers import EnglishTextNormalizer
+
+from omni_serve.engine import (
+    AudioChunk,
+    Engine,
+    ErrorEvent,
+    Finished,
+    GenerationOptions,
+    SpeechRequest,
+    prepare_waveform,
+)
+from omni_serve.model.espeak import wav_samples
+from omni_serve.model.loader import OmniModel, load_model
+from omni_serve.model.prompt import tokenize_speech_prompt
+
+# Written for this benchmark; no training run has seen them. (question, key word)
+QUESTIONS = [
+    ("What is the capital of Japan?", "japan"),
+    ("Why do leaves change color in autumn?", "leaves"),
+    ("How many legs does a spider have?", "spider"),
+    ("What is the largest ocean on Earth?", "ocean"),
+    ("Who wrote Romeo and Juliet?", "romeo"),
+    ("What does a bee make?", "bee"),
+    ("How does a rainbow form?", "rainbow"),
+    ("What is the boiling point of water?", "water"),
+    ("Name a fruit that is yellow.", "yellow"),
+    ("What is the opposite of hot?", "hot"),
+    ("What do plants need to grow?", "plants"),
+    ("What is the tallest animal in the world?", "animal"),
+    ("How many days are in a week?", "week"),
+    ("What is the main language spoken in Brazil?", "brazil"),
+    ("What color is grass?", "grass"),
+    ("Why should we drink water?", "water"),
+    ("What is the largest planet in our solar system?", "planet"),
+    ("What is the capital of Italy?", "italy"),
+    ("How do birds fly?", "birds"),
+    ("What is ice made of?", "ice"),
+    ("What animal says moo?", "moo"),
+    ("What is the freezing point of water in Celsius?", "water"),
+    ("Who painted the Mona Lisa?", "mona"),
+    ("What is the fastest land animal?", "animal"),
+    ("How many hours are in a day?", "day"),
+    ("What is the sun?", "sun"),
+    ("Give me a tip for better sleep.", "sleep"),
+    ("What is a volcano?", "volcano"),
+    ("What do cows eat?", "cows"),
+    ("What is the capital of Canada?", "canada"),
+    ("Why is exercise good for you?", "exercise"),
+    ("What is the chemical symbol for gold?", "gold"),
+    ("How many continents are there?", "continents"),
+    ("What is a computer?", "computer"),
+    ("What instrument has black and white keys?", "keys"),
+    ("What is the moon made of?", "moon"),
+    ("How do fish breathe?", "fish"),
+    ("What is the longest river in Africa?", "river"),
+    ("What season comes after winter?", "winter"),
+    ("What is photosynthesis?", "photosynthesis"),
+]
+QUICK_QUESTIONS = 8
+
+
+@dataclass(frozen=True)
+class Voice:
+    """An espeak-ng voice variant and speed; the default model's own vocoder voice is en-us at 150."""
+
+    name: str
+    speed: int
+
+
+VOICES = [Voice("en-us+f3", 135), Voice("en-gb-x-rp+m7", 160)]
+NORMALIZE = EnglishTextNormalizer()
+
+
+@dataclass
+class Sample:
+    question: str
+    voice: str
+    key: str
+    typed_answer: str
+    question_transcript: str = ""
+    answer: str = ""
+    exact: bool = False
+    rouge_l: float = 0.0
+    key_in_answer: bool = False
+    key_in_typed: bool = False
+    answer_words: int = 0
+    speech_errors: int = 0
+    direct_errors: int = 0
+    first_audio_s: float | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def words(text: str) -> list[str]:
+    return NORMALIZE(text).split()
+
+
+def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f1(reference: str, candidate: str) -> float:
+    ref, cand = words(reference), words(candidate)
+    if not ref or not cand:
+        return float(ref == cand)
+    lengths = [0] * (len(cand) + 1)
+    for r in ref:
+        diagonal = 0
+        for j, c in enumerate(cand, 1):
+            diagonal, lengths[j] = lengths[j], diagonal + 1 if r == c else max(lengths[j], lengths[j - 1])
+    lcs = lengths[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def espeak(text: str, voice: str, speed: int) -> np.ndarray:
+    """16 kHz samples of espeak-ng reading plain text."""
+    result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", "--stdin"], input=text.encode(),
+                            capture_output=True, check=True)
+    return prepare_waveform(wav_samples(result.stdout), 22_050)
+
+
+@torch.inference_mode()
+def typed_answer(model: OmniModel, question: str, max_new_tokens: int) -> str:
+    """Greedy answer of the LLM to the question as typed text, in the model's own prompt format."""
+    prompt = model.template.opening() + model.template.user_turn(question)
+    ids = tokenize_speech_prompt(model.tokenizer, prompt, first=True)
+    network, cache = model.network, model.network.new_cache()
+    step = network.step(network.embed_prompt(ids, []), cache)
+    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
+    tokens: list[int] = []
+    while len(tokens) < max_new_tokens:
+        token = int(step.logits[0].argmax())
+        tokens.append(token)
+        if token in eos:
+            break
+        step = network.step(network.embed_tokens(torch.tensor([[token]], device=model.device)), cache)
+    return model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def spoken_answer(engine: Engine, audio: np.ndarray, max_new_tokens: int) -> tuple[Finished, np.ndarray]:
+    chunks, final = [], None
+    for event in engine.generate(SpeechRequest(audio, GenerationOptions(max_new_tokens=max_new_tokens))):
+        if isinstance(event, AudioChunk):
+            chunks.append(event.samples)
+        elif isinstance(event, Finished):
+            final = event
+        elif isinstance(event, ErrorEvent):
+            raise RuntimeError(event.message)
+    return final, (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32))
+
+
+def evaluate(model_path: Path, questions: list[tuple[str, str]], voices: list[Voice], max_new_tokens: int) -> dict:
+    model = load_model(model_path, device="cpu")
+    front_end = model.front_end
+    settings = model.config.extras.get("espeak", {})
+    engine = Engine(model, max_batch_size=1)
+    engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
+    samples: list[Sample] = []
+    direct_cache: dict[str, int] = {}
+    try:
+        typed = {q: typed_answer(model, q, max_new_tokens) for q, _ in questions}
+        for voice in voices:
+            for question, key in questions:
+                audio = espeak(question, voice.name, voice.speed)
+                sample = Sample(question=question, voice=f"{voice.name}@{voice.speed}", key=key,
+                                typed_answer=typed[question])
+                sample.question_transcript = front_end.transcribe(audio)
+                final, speech = spoken_answer(engine, audio, max_new_tokens)
+                sample.answer = final.text
+                sample.timings = final.timings.as_dict()
+                sample.first_audio_s = final.timings.first_audio_s
+                sample.exact = NORMALIZE(final.text) == NORMALIZE(sample.typed_answer)
+                sample.rouge_l = rouge_l_f1(sample.typed_answer, final.text)
+                sample.key_in_answer = key in words(final.text)
+                sample.key_in_typed = key in words(sample.typed_answer)
+                reference = words(final.text)
+                sample.answer_words = len(reference)
+                sample.speech_errors = edit_distance(reference, words(front_end.transcribe(speech))) if speech.size else len(reference)
+                if final.text not in direct_cache:
+                    direct = espeak(final.text, engine_voice, engine_speed)
+                    direct_cache[final.text] = edit_distance(reference, words(front_end.transcribe(direct)))
+                sample.direct_errors = direct_cache[final.text]
+                samples.append(sample)
+                print(f"[{len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
+                      f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
+    finally:
+        engine.close()
+    return summarize(samples)
+
+
+def summarize(samples: list[Sample]) -> dict:
+    n = len(samples)
+    total_words = sum(s.answer_words for s in samples) or 1
+    first_audio = sorted(s.first_audio_s for s in samples if s.first_audio_s is not None)
+    speech_wer = sum(s.speech_errors for s in samples) / total_words
+    direct_wer = sum(s.direct_errors for s in samples) / total_words
+    question_wer = sum(edit_distance(words(s.question), words(s.question_transcript)) for s in samples) / \
+        max(1, sum(len(words(s.question)) for s in samples))
+    return {
+        "generator": "espeak_text (a)",
+        "utterances": n,
+        "understanding": {
+            "exact_match": sum(s.exact for s in samples) / n,
+            "rouge_l_ge_0_5": sum(s.rouge_l >= 0.5 for s in samples) / n,
+            "rouge_l_mean": statistics.fmean(s.rouge_l for s in samples),
+            "key_word_in_spoken_answer": sum(s.key_in_answer for s in samples) / n,
+            "key_word_in_typed_answer": sum(s.key_in_typed for s in samples) / n,
+            "question_transcript_wer": question_wer,
+        },
+        "speech": {"wer_spoken_answer": speech_wer, "wer_espeak_direct": direct_wer,
+                   "wer_gap_points": 100 * (speech_wer - direct_wer)},
+        "latency": {"first_audio_s_median": statistics.median(first_audio) if first_audio else None,
+                    "first_audio_s_p90": first_audio[int(0.9 * (len(first_audio) - 1))] if first_audio else None,
+                    "first_audio_s_max": first_audio[-1] if first_audio else None,
+                    "where": f"in-process engine, batch 1, CPU threads: {torch.get_num_threads()}"},
+        "memory": {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine inflates every timing
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def peak_rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+async def first_audio_over_http(url: str, audio: np.ndarray, max_new_tokens: int) -> float | None:
+    from omni_serve.serve.client import request_from_samples, stream_answer
+    from omni_serve.serve.protocol import AudioEvent, ErrorEvent
+
+    began, first = time.perf_counter(), None
+    async for event in stream_answer(url, request_from_samples(audio, max_new_tokens=max_new_tokens)):
+        if isinstance(event, AudioEvent) and first is None:
+            first = time.perf_counter() - began
+        elif isinstance(event, ErrorEvent):
+            raise RuntimeError(event.message)
+    return first
+
+
+def stack_latency(model_path: Path, questions: list[tuple[str, str]], voice: Voice, max_new_tokens: int) -> dict:
+    """Time to first audio through `omni-serve launch` (controller + 1 CPU worker, HTTP), and the worker's RSS."""
+    from omni_serve.serve.client import ServeClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    launch = subprocess.Popen([sys.executable, "-m", "omni_serve", "launch", "--model-path", str(model_path),
+                               "--cpu-workers", "1", "--controller-port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def ready() -> None:
+        async with ServeClient(url) as client:
+            for _ in range(600):
+                try:
+                    if await client.list_models():
+                        return
+                except httpx.HTTPError:  # not up yet
+                    pass
+                await asyncio.sleep(0.5)
+        raise RuntimeError("the stack did not come up in 5 minutes")
+
+    try:
+        asyncio.run(ready())
+        times = [asyncio.run(first_audio_over_http(url, espeak(q, voice.name, voice.speed), max_new_tokens))
+                 for q, _ in questions]
+        worker_rss = max(peak_rss_gb(pid) for pid in descendants(launch.pid))
+    finally:
+        launch.terminate()
+        launch.wait(timeout=60)
+    measured = sorted(t for t in times if t is not None)
+    return {"requests": len(times), "first_audio_s_median": statistics.median(measured),
+            "first_audio_s_max": measured[-1], "worker_peak_rss_gb": worker_rss,
+            "where": "omni-serve launch --cpu-workers 1, HTTP stream, requests one at a time"}
+
+
+def print_table(report: dict) -> None:
+    u, s, lat = report["understanding"], report["speech"], report["latency"]
+    rows = [
+        ("utterances", f"{report['utterances']}"),
+        ("answer == typed answer", f"{u['exact_match']:.0%}  (target >= 50%)"),
+        ("ROUGE-L F1 >= 0.5 vs typed", f"{u['rouge_l_ge_0_5']:.0%}  (target >= 80%)"),
+        ("ROUGE-L F1 mean", f"{u['rouge_l_mean']:.2f}"),
+        ("key word in spoken / typed answer", f"{u['key_word_in_spoken_answer']:.0%} / {u['key_word_in_typed_answer']:.0%}"),
+        ("question transcript WER", f"{u['question_transcript_wer']:.1%}"),
+        ("WER spoken answer", f"{s['wer_spoken_answer']:.1%}"),
+        ("WER espeak reading the text", f"{s['wer_espeak_direct']:.1%}"),
+        ("WER gap (points)", f"{s['wer_gap_points']:+.1f}  (target <= +10)"),
+        ("first audio median / p90 / max", f"{lat['first_audio_s_median']:.2f} / {lat['first_audio_s_p90']:.2f} / "
+                                           f"{lat['first_audio_s_max']:.2f} s  (target <= 1.5 s; {lat['where']})"),
+        ("peak RSS (whole process)", f"{report['memory']['peak_rss_gb']:.2f} GB  (target <= 2 GB)"),
+        ("load average (1 min) at the end", f"{report['load_average_1m']:.1f} on {os.cpu_count()} cores"),
+    ]
+    if "stack" in report:
+        stack = report["stack"]
+        rows += [("full stack first audio median / max", f"{stack['first_audio_s_median']:.2f} / "
+                  f"{stack['first_audio_s_max']:.2f} s over {stack['requests']} requests  ({stack['where']})"),
+                 ("full stack worker peak RSS", f"{stack['worker_peak_rss_gb']:.2f} GB  (target <= 2 GB)")]
+    width = max(len(name) for name, _ in rows)
+    print(f"omni-smol quality, unit generator {report['generator']}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_QUESTIONS} questions, one voice")
+    parser.add_argument("--json", type=Path, help="also write the full report (every sample) here")
+    parser.add_argument("--model-path", type=Path, help="model folder (default: build or reuse omni-smol)")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--stack", action="store_true", help="also measure latency and worker RSS over HTTP")
+    parser.add_argument("--stack-only", action="store_true", help="measure only the full stack's latency and RSS")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.model_path is None:
+        from omni_serve.default import build_default
+
+        args.model_path = build_default()
+    questions = QUESTIONS[:QUICK_QUESTIONS] if args.quick else QUESTIONS
+    voices = VOICES[:1] if args.quick else VOICES
+    began = time.perf_counter()
+    if args.stack_only:
+        report = {"stack": stack_latency(args.model_path, questions, voices[0], args.max_new_tokens),
+                  "load_average_1m": os.getloadavg()[0]}
+        print(json.dumps(report, indent=1))
+    else:
+        report = evaluate(args.model_path, questions, voices, args.max_new_tokens)
+        if args.stack:
+            report["stack"] = stack_latency(args.model_path, questions, voices[0], args.max_new_tokens)
+        print_table(report)
+    report["wall_s"] = time.perf_counter() - began
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The transcription front end: Whisper transcribes, the transcript's token embeddings stand in for speech.
+
+A small LLM given an adaptor trained on CPU learns the question's type but not its content (see
+the model card of omni-smol). Transcribing first and embedding the transcript with the LLM's own
+token embeddings gives the LLM exactly what it would see had the question been typed, so a
+spoken question gets the typed question's answer whenever Whisper hears it right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import whisper
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from whisper.model import Whisper
+
+from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
+
+
+@dataclass(frozen=True)
+class TranscriptionOptions:
+    """Greedy, English, no timestamps: the cheapest Whisper decoding, deterministic."""
+
+    language: str = "en"
+    without_timestamps: bool = True
+
+
+class TranscriptionFrontEnd:
+    """Speech -> Whisper transcript -> the LLM's embeddings of the transcript's tokens."""
+
+    def __init__(self, model: Whisper, embed_tokens: nn.Embedding, tokenizer: PreTrainedTokenizerBase,
+                 options: TranscriptionOptions = TranscriptionOptions()) -> None:
+        self.model = model
+        self.embed_tokens = embed_tokens
+        self.tokenizer = tokenizer
+        self.options = options
+
+    @classmethod
+    def load(cls, whisper_path: Path, network: nn.Module, tokenizer: PreTrainedTokenizerBase,
+             device: torch.device) -> TranscriptionFrontEnd:
+        """Whisper in fp32 on CPU (fp16 kernels are slow there), in the checkpoint's fp16 on CUDA."""
+        dims, state = load_whisper_checkpoint(whisper_path)
+        model = Whisper(dims)
+        model.load_state_dict(state, strict=True)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        return cls(model.to(device=device, dtype=dtype).eval(), network.model.embed_tokens, tokenizer)
+
+    @torch.inference_mode()
+    def transcribe(self, samples: np.ndarray) -> str:
+        """The text of 16 kHz samples; each 30 s window is decoded on its own and the texts joined."""
+        mel = log_mel_windows(samples, self.model.dims.n_mels).to(self.model.encoder.conv1.weight.device)
+        fp16 = self.model.encoder.conv1.weight.dtype == torch.float16
+        options = whisper.DecodingOptions(language=self.options.language, fp16=fp16,
+                                          without_timestamps=self.options.without_timestamps)
+        results = whisper.decode(self.model, mel, options)
+        return " ".join(result.text.strip() for result in results).strip()
+
+    @torch.inference_mode()
+    def embed_text(self, text: str) -> torch.Tensor:
+        """(tokens, hidden) LLM embeddings of `text`, tokenised as typed text would be."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        weight = self.embed_tokens.weight
+        return self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=weight.device)).reshape(-1, weight.shape[1])
+
+    def encode(self, samples: np.ndarray) -> torch.Tensor:
+        return self.embed_text(self.transcribe(samples))

@@ -1,0 +1,313 @@
+"""OpenAI-compatible speech chat API: `/v1/models` and `/v1/chat/completions` with audio in and out.
+
+Code written for OpenAI's chat completions audio API works unchanged against us. The router turns
+an OpenAI request into our GenerateRequest (earlier turns become `history`), streams the worker's
+events through a backend, and answers in OpenAI's shapes: one JSON completion, or server-sent
+chunks with transcript and base64 PCM16 audio deltas ending in `data: [DONE]`.
+
+Notes for users: the `voice` is accepted and ignored (a model speaks in its vocoder's one voice);
+system messages are ignored (LLaMA-Omni models were trained with their own system prompt);
+streamed audio is always PCM16 (16 kHz mono), as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+
+import numpy as np
+import soundfile
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from omni_serve.serve.protocol import (
+    AudioEvent, ErrorEvent, FinalEvent, GenerateRequest, HistoryTurn, StreamEvent, TextEvent,
+)
+
+AUDIO_LIFETIME_S = 3600
+OUTPUT_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None), "opus": ("OGG", "OPUS")}
+ERROR_STATUS = {"bad_audio": 400, "bad_request": 400, "context_full": 400, "too_long": 413, "unknown_model": 404,
+                "no_worker": 503, "busy": 503, "worker_failed": 502, "unauthorized": 401, "cancelled": 499,
+                "internal": 500}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+              413: "invalid_request_error"}
+
+
+class AudioOptions(BaseModel):
+    format: Literal["wav", "pcm16", "flac", "mp3", "opus"] = "wav"
+    voice: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str
+    messages: list[dict[str, Any]]
+    modalities: list[Literal["text", "audio"]] = Field(default_factory=lambda: ["text"])
+    audio: AudioOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    seed: int | None = None
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=error_body(self.status, self.message, self.code, self.param))
+
+
+def error_status(event: ErrorEvent) -> int:
+    """The HTTP status a worker or client error maps to (the event's own when it carries one)."""
+    return getattr(event, "status", None) or ERROR_STATUS.get(event.code, 500)
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}}
+
+
+@dataclass
+class ChatBackend:
+    """Where requests go: the list of served models, and a stream of worker events for one request."""
+
+    list_models: Callable[[], Awaitable[list[str]]]
+    stream: Callable[[GenerateRequest], AsyncIterator[StreamEvent]]
+    token: str | None = None
+
+
+class TranscriptStore:
+    """Recent answers by audio id, so a later request can refer to `{"role": "assistant", "audio": {"id": ...}}`."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def put(self, audio_id: str, transcript: str, expires_at: float) -> None:
+        self.items[audio_id] = (expires_at, transcript)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def get(self, audio_id: str) -> str | None:
+        entry = self.items.get(audio_id)
+        if entry is None or entry[0] < time.time():
+            return None
+        return entry[1]
+
+
+def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStore) -> GenerateRequest:
+    """Translate OpenAI messages: alternating user/assistant turns, the last one from the user."""
+    turns = [m for m in body.messages if m.get("role") in ("user", "assistant")]
+    if not turns or turns[-1]["role"] != "user":
+        raise OpenAIError(400, "the last message must come from the user", "invalid_messages", "messages")
+    history: list[HistoryTurn] = []
+    for index in range(0, len(turns) - 1, 2):
+        user, assistant = turns[index], turns[index + 1]
+        if user["role"] != "user" or assistant["role"] != "assistant":
+            raise OpenAIError(400, "messages must alternate between user and assistant", "invalid_messages", "messages")
+        audio_b64, text = _user_parts(user)
+        history.append(HistoryTurn(answer=_assistant_text(assistant, transcripts), audio_b64=audio_b64, text=text))
+    if len(turns) % 2 == 0:
+        raise OpenAIError(400, "messages must alternate between user and assistant", "invalid_messages", "messages")
+    audio_b64, text = _user_parts(turns[-1])
+    options: dict[str, Any] = {}
+    if body.temperature is not None:
+        options["temperature"] = body.temperature
+    if body.top_p is not None:
+        options["top_p"] = body.top_p
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is not None:
+        options["max_new_tokens"] = min(limit, 4096)
+    return GenerateRequest(model=body.model, audio_b64=audio_b64, text=text, history=history, seed=body.seed,
+                           vocode="audio" in body.modalities, **options)
+
+
+def _user_parts(message: dict) -> tuple[str | None, str | None]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return None, content
+    audio, texts = [], []
+    for part in content or []:
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(part.get("text", ""))
+        elif kind == "input_audio":
+            data = (part.get("input_audio") or {}).get("data")
+            if not data:
+                raise OpenAIError(400, "input_audio needs base64 `data`", "invalid_audio", "messages")
+            audio.append(data)
+        else:
+            raise OpenAIError(400, f"unsupported content part type {kind!r}", "invalid_content", "messages")
+    if len(audio) > 1:
+        raise OpenAIError(400, "one input_audio part per message is supported", "invalid_audio", "messages")
+    return (audio[0] if audio else None), ("\n".join(texts) if texts else None)
+
+
+def _assistant_text(message: dict, transcripts: TranscriptStore) -> str:
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        return content
+    if isinstance(content, list):
+        text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        if text:
+            return text
+    audio = message.get("audio") or {}
+    if audio.get("transcript"):
+        return audio["transcript"]
+    if audio.get("id"):
+        transcript = transcripts.get(audio["id"])
+        if transcript is None:
+            raise OpenAIError(400, f"audio {audio['id']!r} is unknown or expired", "audio_not_found", "messages")
+        return transcript
+    raise OpenAIError(400, "an assistant message needs content or audio", "invalid_messages", "messages")
+
+
+def encode_audio(pcm16: bytes, sample_rate: int, fmt: str) -> bytes:
+    """The answer's PCM16 samples in the requested container."""
+    if fmt == "pcm16":
+        return pcm16
+    container, subtype = OUTPUT_FORMATS[fmt]
+    samples = np.frombuffer(pcm16, dtype="<i2")
+    if fmt == "opus":  # Ogg Opus takes 8/12/16/24/48 kHz; our 16 kHz is fine
+        samples = samples.astype(np.float32) / 32768.0
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()
+
+
+def create_openai_router(backend: ChatBackend) -> APIRouter:
+    """Routes for `/v1/models` and `/v1/chat/completions`, answered through `backend`."""
+    router = APIRouter(prefix="/v1")
+    transcripts = TranscriptStore()
+
+    def check_key(authorization: str | None) -> None:
+        if backend.token and authorization != f"Bearer {backend.token}":
+            raise OpenAIError(401, "invalid or missing API key (use the serving token)", "invalid_api_key")
+
+    @router.get("/models")
+    async def models(authorization: str | None = Header(None)) -> JSONResponse:
+        try:
+            check_key(authorization)
+        except OpenAIError as exc:
+            return exc.response()
+        names = await backend.list_models()
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "omni_serve"} for name in names]})
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request, authorization: str | None = Header(None)):
+        try:
+            check_key(authorization)
+            try:
+                body = ChatCompletionRequest.model_validate(await request.json())
+            except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OpenAIError(400, f"invalid request: {exc}", "invalid_request") from exc
+            generate = to_generate_request(body, transcripts)
+            events = backend.stream(generate)
+            first = await anext(events, None)
+            if first is None:
+                raise OpenAIError(502, "the worker closed the stream without an answer", "worker_failed")
+            if isinstance(first, ErrorEvent):
+                raise OpenAIError(error_status(first), first.message, first.code)
+        except OpenAIError as exc:
+            return exc.response()
+        completion = _Completion(body, transcripts)
+        if body.stream:
+            return StreamingResponse(completion.sse(first, events), media_type="text/event-stream")
+        try:
+            return JSONResponse(await completion.collect(first, events))
+        except OpenAIError as exc:
+            return exc.response()
+
+    return router
+
+
+class _Completion:
+    """Builds one answer's OpenAI objects from worker events."""
+
+    def __init__(self, body: ChatCompletionRequest, transcripts: TranscriptStore) -> None:
+        self.body = body
+        self.transcripts = transcripts
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.audio_id = f"audio_{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.expires_at = self.created + AUDIO_LIFETIME_S
+        self.wants_audio = "audio" in body.modalities
+        self.format = (body.audio or AudioOptions()).format
+
+    async def collect(self, first: StreamEvent, events: AsyncIterator[StreamEvent]) -> dict:
+        pcm, text, sample_rate, final = bytearray(), [], 16000, None
+        async for event in _chain(first, events):
+            if isinstance(event, TextEvent):
+                text.append(event.text)
+            elif isinstance(event, AudioEvent):
+                pcm += base64.b64decode(event.pcm16)
+                sample_rate = event.sample_rate
+            elif isinstance(event, FinalEvent):
+                final = event
+            elif isinstance(event, ErrorEvent):
+                raise OpenAIError(error_status(event), event.message, event.code)
+        if final is None:
+            raise OpenAIError(502, "the worker stopped before the answer was complete", "worker_failed")
+        transcript = final.text
+        message: dict[str, Any] = {"role": "assistant", "content": None if self.wants_audio else transcript,
+                                   "refusal": None}
+        if self.wants_audio:
+            self.transcripts.put(self.audio_id, transcript, self.expires_at)
+            data = base64.b64encode(encode_audio(bytes(pcm), sample_rate, self.format)).decode()
+            message["audio"] = {"id": self.audio_id, "data": data, "expires_at": self.expires_at,
+                                "transcript": transcript}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "stop" if final.stopped_on_eos else "length"}],
+                "usage": self._usage(final)}
+
+    async def sse(self, first: StreamEvent, events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+        yield self._chunk({"role": "assistant", "content": None if self.wants_audio else ""})
+        async for event in _chain(first, events):
+            if isinstance(event, TextEvent):
+                if self.wants_audio:
+                    yield self._chunk({"audio": {"id": self.audio_id, "transcript": event.text}})
+                else:
+                    yield self._chunk({"content": event.text})
+            elif isinstance(event, AudioEvent) and self.wants_audio:
+                yield self._chunk({"audio": {"id": self.audio_id, "data": event.pcm16}})
+            elif isinstance(event, FinalEvent):
+                if self.wants_audio:
+                    self.transcripts.put(self.audio_id, event.text, self.expires_at)
+                    yield self._chunk({"audio": {"id": self.audio_id, "expires_at": self.expires_at}})
+                yield self._chunk({}, "stop" if event.stopped_on_eos else "length", self._usage(event))
+                break
+            elif isinstance(event, ErrorEvent):
+                body = error_body(error_status(event), event.message, event.code)
+                yield f"data: {json.dumps(body)}\n\n".encode()
+                break
+        yield b"data: [DONE]\n\n"
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> bytes:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    @staticmethod
+    def _usage(final: FinalEvent) -> dict:
+        prompt = int(final.timings.get("prompt_positions", 0))
+        completion = len(final.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    yield first
+    async for event in rest:
+        yield event

@@ -1,0 +1,227 @@
+"""The embedded default model omni-smol: conversions, espeak-ng units and vocoder, and the whole path.
+
+The model is built once per session from the pip packages (about 15 s) into a temporary folder,
+then loaded by the same `load_model` as the published checkpoint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from whisper.model import Whisper
+
+from omni_serve.default.build import (
+    SPEECH_ENCODER_FILE,
+    Sources,
+    build_default,
+    chat_template_spec,
+    is_built,
+)
+from omni_serve.default.gguf_llama import unpermute_rope
+from omni_serve.engine import (
+    AudioChunk,
+    Engine,
+    Finished,
+    GenerationOptions,
+    SpeechRequest,
+    TextDelta,
+    prepare_waveform,
+)
+from omni_serve.model.espeak import (
+    PAUSE,
+    UNIT_INVENTORY,
+    WORD_BOUNDARY,
+    EspeakSettings,
+    EspeakTextUnitStream,
+    EspeakVocoder,
+    phonemizer_for,
+    split_mnemonics,
+    units_to_phoneme_text,
+    wav_samples,
+)
+from omni_serve.model.loader import load_model
+from omni_serve.model.prompt import template_from_config
+from omni_serve.model.speech_encoder import load_whisper_checkpoint
+from omni_serve.model.transcription import TranscriptionFrontEnd
+
+QUESTION = "What is the capital of France?"
+
+
+def espeak_question(text: str, voice: str = "en-us+f3", speed: int = 140) -> np.ndarray:
+    result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", "--stdin"], input=text.encode(),
+                            capture_output=True, check=True)
+    return prepare_waveform(wav_samples(result.stdout), 22_050)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    from whisper.normalizers import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    ref, hyp = normalize(reference).split(), normalize(hypothesis).split()
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        previous, row = row, [i]
+        for j, h in enumerate(hyp, 1):
+            row.append(min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h)))
+    return row[-1] / max(1, len(ref))
+
+
+@pytest.fixture(scope="session")
+def built_dir(tmp_path_factory):
+    return build_default(tmp_path_factory.mktemp("default") / "omni-smol", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol(built_dir):
+    return load_model(built_dir, device="cpu")
+
+
+# --- conversions ---------------------------------------------------------------------------------
+
+
+def test_rope_unpermute_inverts_llama_cpp_order():
+    """llama.cpp writes q/k rows as permute(w) = reshape(h, 2, d/2h, ...).swapaxes(1, 2); we undo exactly that."""
+    heads, rows, cols = 3, 24, 5
+    weight = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    llama_cpp = weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    np.testing.assert_array_equal(unpermute_rope(llama_cpp, heads), weight)
+
+
+def test_build_is_reused_and_complete(built_dir):
+    assert is_built(built_dir, Sources.locate())
+    assert build_default(built_dir) == built_dir  # current: returns without rebuilding
+    for name in ("config.json", "model.safetensors", "tokenizer.json", SPEECH_ENCODER_FILE, "README.md"):
+        assert (built_dir / name).is_file(), name
+
+
+def test_whisper_checkpoint_loads_strictly(built_dir):
+    dims, state = load_whisper_checkpoint(built_dir / SPEECH_ENCODER_FILE)
+    assert (dims.n_mels, dims.n_audio_layer, dims.n_text_layer, dims.n_vocab) == (80, 4, 4, 51864)
+    Whisper(dims).load_state_dict(state, strict=True)
+
+
+def test_prompt_is_the_chat_template(smol):
+    """Our template pieces reproduce the tokenizer's own ChatML rendering, turn after turn."""
+    template = template_from_config(smol.config.extras)
+    tokenizer = smol.tokenizer
+    messages = [{"role": "system", "content": template.system_prompt}, {"role": "user", "content": "Hi"}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert template.opening() + template.user_turn("Hi") == expected
+    answer = messages + [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    expected_two = tokenizer.apply_chat_template(answer, tokenize=False, add_generation_prompt=True)
+    ours = expected + "Hello" + tokenizer.eos_token + template.after_answer + template.user_turn("Bye")
+    assert ours == expected_two
+    assert chat_template_spec(tokenizer, "x")["user_content"] == "<speech>"
+
+
+# --- loading through the published path ----------------------------------------------------------
+
+
+def test_default_loads_through_the_published_path(smol):
+    assert smol.name == "omni-smol"
+    assert isinstance(smol.front_end, TranscriptionFrontEnd)
+    assert isinstance(smol.vocoder, EspeakVocoder) and smol.vocoder.sample_rate == 16_000
+    assert isinstance(smol.new_unit_stream(), EspeakTextUnitStream)
+    assert not hasattr(smol.network.model, "speech_projector") and not hasattr(smol.network, "speech_generator")
+    assert torch.equal(smol.network.lm_head.weight, smol.network.model.embed_tokens.weight)  # tied in the file
+    assert smol.config.llm.rope_parameters["rope_theta"] == 100000.0
+
+
+def test_converted_llm_answers_a_typed_question(smol):
+    """A wrong conversion (e.g. q/k row order) gives gibberish; the right one knows this."""
+    embeds = smol.front_end.embed_text(QUESTION)
+    ids = smol.tokenizer(smol.template.opening() + smol.template.user_turn(""), add_special_tokens=False).input_ids
+    split = len(smol.tokenizer(smol.template.opening() + smol.template.user_turn("").split("<|im_end|>\n<|im_start|>assistant")[0],
+                               add_special_tokens=False).input_ids)
+    with torch.inference_mode():
+        table = smol.network.model.embed_tokens
+        prompt = torch.cat([table(torch.tensor(ids[:split])), embeds, table(torch.tensor(ids[split:]))]).unsqueeze(0)
+        cache = smol.network.new_cache()
+        step = smol.network.step(prompt, cache)
+        tokens = []
+        for _ in range(12):
+            tokens.append(int(step.logits[0].argmax()))
+            step = smol.network.step(smol.network.embed_tokens(torch.tensor([[tokens[-1]]])), cache)
+    assert "Paris" in smol.tokenizer.decode(tokens)
+
+
+# --- espeak-ng units and vocoder ------------------------------------------------------------------
+
+
+def test_phonemizer_units_are_in_the_inventory():
+    settings = EspeakSettings()
+    names = phonemizer_for(settings).text("Paris is the capital of France. It has 2,000 years of history!")
+    assert set(names) <= set(UNIT_INVENTORY)
+    assert names.count(PAUSE) == 2 and names[-1] == PAUSE
+    assert names.count(WORD_BOUNDARY) >= 8
+    assert split_mnemonics("'aI@_:", frozenset(UNIT_INVENTORY)) == ["'", "aI@", PAUSE]
+    assert units_to_phoneme_text(["h", "@", "l", "'", "oU", WORD_BOUNDARY, "w", "'", "3:", "l", "d", PAUSE]) == \
+        "[[h@l'oU w'3:ld_:]]"
+
+
+def test_text_unit_stream_emits_each_word_when_complete():
+    settings = EspeakSettings()
+    stream = EspeakTextUnitStream(settings)
+    deltas = ["The", " capital", " of", " France", " is", " Paris", ".", " It", "'s", " big", "."]
+    pushed = [stream.push(torch.zeros(1), 0, delta) for delta in deltas]
+    tail = stream.finish()
+    assert pushed[0] == [] and pushed[1] != []  # "The" is complete only when " capital" starts
+    assert pushed[6] == []  # "Paris." waits for the next word
+    names = [settings.units[u] for chunk in [*pushed, tail] for u in chunk]
+    assert names.count(PAUSE) == 2 and names[-1] == PAUSE
+    assert names.count(WORD_BOUNDARY) == len(["The", "capital", "of", "France", "is", "Paris.", "It's", "big."]) - 2
+
+
+def test_vocoder_streams_whole_words_at_16k():
+    settings = EspeakSettings()
+    index = {name: i for i, name in enumerate(settings.units)}
+    vocoder = EspeakVocoder(settings)
+    units = [index[n] for n in ["h", "@", "l", "'", "oU", WORD_BOUNDARY, "w", "'", "3:", "l", "d", PAUSE]]
+    stream = vocoder.stream()
+    assert stream.push(units[:3], final=False).size == 0  # half a word waits
+    first = stream.push(units[3:8], final=False)
+    rest = stream.push(units[8:], final=True)
+    assert first.dtype == np.float32 and 0.15 * 16_000 < first.size < 1.0 * 16_000
+    assert rest.size > 0
+    whole = vocoder.vocode(units)
+    assert 0.3 * 16_000 < whole.size < 2.0 * 16_000 and np.abs(whole).max() > 0.05
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_spoken_question_gets_text_and_matching_speech(smol):
+    """Speak a question, get text and audio; Whisper's transcript of the audio is close to the text.
+
+    "Close" is measured against espeak-ng reading the same text directly: Whisper tiny.en mishears
+    espeak's voice on its own (about 15-25% WER), so the streamed speech may add at most 20 points.
+    """
+    audio = espeak_question(QUESTION)
+    engine = Engine(smol, max_batch_size=1)
+    try:
+        events = list(engine.generate(SpeechRequest(audio, GenerationOptions(max_new_tokens=40))))
+    finally:
+        engine.close()
+    final = events[-1]
+    assert isinstance(final, Finished)
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert final.text.strip() and "".join(e.text for e in events if isinstance(e, TextDelta)) == final.text
+    assert len(chunks) >= 1 and all(c.sample_rate == 16_000 for c in chunks)
+    speech = np.concatenate([c.samples for c in chunks])
+    assert speech.size > 16_000 * 0.5
+    settings = smol.vocoder.settings
+    direct = espeak_question(final.text, settings.voice, settings.speed)
+    streamed_wer = word_error_rate(final.text, smol.front_end.transcribe(speech))
+    assert streamed_wer <= word_error_rate(final.text, smol.front_end.transcribe(direct)) + 0.2
+    assert streamed_wer <= 0.6
+
+
+def test_demo_launches_the_stack_on_the_built_model():
+    from omni_serve.cli.demo import launch_command
+
+    command = launch_command("/models/omni-smol", ["--", "--web-port", "8000"])
+    assert command[1:] == ["-m", "omni_serve", "launch", "--model-path", "/models/omni-smol", "--cpu-workers", "1",
+                           "--web", "--web-port", "8000"]
