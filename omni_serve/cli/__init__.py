@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "launch": "omni_serve.cli.launch",
     "controller": "omni_serve.cli.controller",
     "worker": "omni_serve.cli.worker",
+    "make-data": "omni_serve.cli.make_data",
+    "train": "omni_serve.cli.train",
 }
 
 

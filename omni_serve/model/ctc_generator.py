@@ -134,14 +134,24 @@ class DecoderLayer(nn.Module):
 
 
 class CTCSpeechGenerator(nn.Module):
-    """LLM hidden states -> CTC unit logits, `upsample_factor` positions per hidden state."""
+    """LLM hidden states -> CTC unit logits, `upsample_factor` positions per hidden state.
 
-    def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int) -> None:
+    Two options, both off in the published model (whose checkpoint and outputs they leave unchanged):
+    `token_embedding` doubles the input to [hidden state ; embedding of the token it chose], because
+    the hidden state alone does not say which token was sampled (units then lag one token); the
+    caller concatenates the two. `token_positions` adds a learned embedding of each position's index
+    within its token's `upsample_factor` positions, which rotary positions alone do not expose.
+    """
+
+    def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int,
+                 token_embedding: bool = False, token_positions: bool = False) -> None:
         super().__init__()
         dim = layer_config.hidden_size
         self.upsample_factor = upsample_factor
         self.blank_id = unit_vocab_size
-        self.input_proj = nn.Linear(llm_hidden, dim)
+        self.input_proj = nn.Linear(llm_hidden * (2 if token_embedding else 1), dim)
+        if token_positions:
+            self.token_position_embed = nn.Embedding(upsample_factor, dim)
         self.layers = nn.ModuleList(DecoderLayer(layer_config) for _ in range(layer_config.num_hidden_layers))
         self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
         inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
@@ -157,6 +167,8 @@ class CTCSpeechGenerator(nn.Module):
         caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
         x = x.repeat_interleave(self.upsample_factor, dim=1)
+        if hasattr(self, "token_position_embed"):  # every hidden state adds exactly upsample_factor positions
+            x = x + self.token_position_embed.weight.repeat(hidden.shape[1], 1).to(x.dtype)
         starts = [c.length for c in caches] if caches is not None else [0]
         steps = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
         positions = torch.tensor(starts, device=x.device, dtype=torch.float32)[:, None] + steps  # (rows, new)

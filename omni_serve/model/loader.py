@@ -84,14 +84,16 @@ def load_network(config: OmniConfig, model_dir: Path, device: torch.device, dtyp
     finally:
         torch.set_default_dtype(previous)
     state = read_safetensors(model_dir, device, dtype)
-    if config.llm.tie_word_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    tied = config.llm.tie_word_embeddings and "lm_head.weight" not in state
     result = network.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [key for key in result.missing_keys if not (tied and key == "lm_head.weight")]
+    if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"checkpoint in {model_dir} does not match the model: missing {result.missing_keys[:8]}, "
+            f"checkpoint in {model_dir} does not match the model: missing {missing[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+    if tied:  # share the embedding matrix instead of holding a second copy
+        network.lm_head.weight = network.model.embed_tokens.weight
     return network.eval()
 
 

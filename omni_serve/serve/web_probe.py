@@ -63,10 +63,13 @@ class Proc:
     process: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        from omni_serve.serve.launcher import die_with_parent_hook
+
+        hook = die_with_parent_hook()  # the child dies with us, even if we are killed outright (one prctl call)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=hook)  # noqa: PLW1509
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -307,7 +310,10 @@ PROBE_JS = r"""
       if (!probe.recording) return;
       for (let i = 0; i < input.length; i++) {
         acc += input[i] * input[i]; count++;
-        if (count === frameSize) { probe.frames.push(10 * Math.log10(Math.max(acc / count, 1e-12))); acc = 0; count = 0; }
+        if (count === frameSize) {
+          probe.frames.push(10 * Math.log10(Math.max(acc / count, 1e-12)));
+          acc = 0; count = 0;
+        }
       }
     };
     node.connect(processor);
@@ -464,8 +470,8 @@ class PageDriver:
         notice_box = self.page.locator("#notice")
         notice = notice_box.inner_text() if notice_box.count() and notice_box.is_visible() else ""
         text = self.answer_text()
-        sound = self.page.evaluate(
-            "window.__omniProbe.soundAt === null ? null : (window.__omniProbe.soundAt - window.__omniProbe.clickAt) / 1000")
+        sound = self.page.evaluate("(p => p.soundAt === null ? null : (p.soundAt - p.clickAt) / 1000)"
+                                   "(window.__omniProbe)")
         return AnswerResult(text=text, status=status, notice=notice, click_to_sound_s=sound,
                             worker_first_audio_s=_number(r"worker (\d+\.\d+) s", status),
                             page_first_audio_s=_number(r"first audio after \**(\d+\.\d+) s", status),
@@ -485,8 +491,9 @@ class PageDriver:
             return None
         handle = clips.last
         try:
-            handle.evaluate("(el) => el.duration > 0 || new Promise((ok) => { el.addEventListener('loadedmetadata', ok, "
-                            "{once: true}); el.load(); setTimeout(ok, 5000); })")
+            handle.evaluate("(el) => el.duration > 0 || new Promise((ok) => {"
+                            " el.addEventListener('loadedmetadata', ok, {once: true});"
+                            " el.load(); setTimeout(ok, 5000); })")
             duration = handle.evaluate("(el) => el.duration")
         except Exception:  # noqa: BLE001 - a page that re-rendered meanwhile: report no clip
             return None
@@ -496,7 +503,8 @@ class PageDriver:
         """The last answer clip's file, fetched by the page itself (its src may be a blob: URL)."""
         encoded = self.chat_clips().last.evaluate("""async (el) => {
             const data = new Uint8Array(await (await fetch(el.currentSrc || el.src)).arrayBuffer());
-            let text = ""; for (let i = 0; i < data.length; i += 0x8000) text += String.fromCharCode(...data.subarray(i, i + 0x8000));
+            let text = "";
+            for (let i = 0; i < data.length; i += 0x8000) text += String.fromCharCode(...data.subarray(i, i + 0x8000));
             return btoa(text); }""")
         return base64.b64decode(encoded)
 

@@ -1,0 +1,298 @@
+"""Training data for a learned CTC unit generator: LLM hidden states, chosen tokens and espeak unit targets.
+
+The generator (b) reads, for every generated token, the final-norm hidden state that chose it and
+(optionally) that token's embedding. Here both come from a teacher-forced pass of an English text
+placed as the assistant's answer to a prompt, so the hidden state at position i-1 is paired with
+token i, exactly as the engine pushes (hidden, token_id) to a unit stream. Targets are the text's
+espeak-ng phoneme units, in the unit inventory of generator (a) (`omni_serve.model.espeak`), so a
+trained decoder plugs into the same espeak vocoder.
+
+Texts come from what is offline: files given on the command line, English docstrings of the Python
+standard library, and the LLM's own greedy answers to a fixed list of questions. Everything is
+stored in one safetensors file (hidden states in fp16), with per-sample offsets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_serve.engine.prompting import PromptBuilder
+from omni_serve.model.espeak import EspeakSettings, phonemizer_for
+from omni_serve.model.loader import OmniModel
+
+log = logging.getLogger(__name__)
+
+TEXT_PROMPT = "Please say something."  # the user turn that a plain text answers (teacher forcing)
+HELDOUT_MODULUS = 10  # a sample is held out when the crc32 of its text is 0 modulo this: stable across runs
+# Questions for the LLM's own greedy answers: everyday topics, like the questions users speak.
+QUESTIONS = (
+    "What is the capital of France?", "How do plants make food?", "Why is the sky blue?",
+    "What is a good breakfast?", "How do I boil an egg?", "Tell me a fun fact about cats.",
+    "What causes rain?", "How far is the moon?", "What is the tallest mountain?", "How do airplanes fly?",
+    "What is photosynthesis?", "Give me a tip for better sleep.", "What is a black hole?",
+    "How do I learn to swim?", "Who wrote Romeo and Juliet?", "What is the largest ocean?",
+    "How does a rainbow form?", "What should I pack for a beach trip?", "Why do leaves change color?",
+    "What is the speed of light?", "How do bees make honey?", "What is a healthy snack?",
+    "How can I save money?", "What is the boiling point of water?", "Tell me about the Roman Empire.",
+    "How do vaccines work?", "What is gravity?", "How many continents are there?", "What is a volcano?",
+    "How do I make a cup of tea?", "What are clouds made of?", "Why do we dream?",
+    "What is the difference between weather and climate?", "How do fish breathe?", "What is an atom?",
+    "Suggest a name for a dog.", "How do I stay focused while studying?", "What is the Great Wall of China?",
+    "Why is exercise good for you?", "What is the water cycle?", "How do magnets work?",
+    "What is the longest river in the world?", "Describe a sunset.", "How do I plant a tree?",
+    "What is democracy?", "What do pandas eat?", "How does the heart work?", "What is electricity?",
+    "Tell me a short story about a robot.", "What is the meaning of kindness?",
+)
+# Standard-library modules whose docstrings are plain English prose (an offline text source).
+DOC_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "glob",
+    "gzip", "hashlib", "heapq", "html", "http.client", "inspect", "io", "itertools", "json", "logging",
+    "math", "mimetypes", "operator", "os", "pathlib", "pickle", "platform", "pprint", "queue", "random",
+    "re", "shutil", "socket", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref", "zipfile",
+    "ast", "codecs", "concurrent.futures", "configparser", "doctest", "ftplib", "gettext", "imaplib", "locale",
+    "mailbox", "multiprocessing", "numbers", "optparse", "pdb", "pydoc", "selectors", "shelve", "signal",
+    "smtplib", "sqlite3", "ssl", "struct", "sysconfig", "trace", "traceback", "wave", "zoneinfo", "cmd", "abc",
+    "nntplib", "xml.dom.minidom", "xml.etree.ElementTree", "urllib.request", "http.server", "http.cookiejar",
+)
+PROSE = re.compile(r"^[A-Za-z][A-Za-z0-9 ,;:'()\-.]*[A-Za-z)][.!?]?$")  # sentences only: no code, no markup
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How much text, and how long each piece may be."""
+
+    max_tokens: int = 64  # per text; longer texts are cut at a word boundary
+    answers: int = 0  # greedy answers to generate (one per question, cycling)
+    answer_tokens: int = 64  # longest greedy answer
+    doc_texts: int = 0  # paragraphs of standard-library docstrings
+
+
+@dataclass
+class Sample:
+    text: str
+    token_ids: list[int]
+    hidden: torch.Tensor  # (tokens, llm_hidden): the state that chose each token
+    units: list[int]
+    source: str
+
+
+def docstring_texts(limit: int) -> list[str]:
+    """English paragraphs from standard-library docstrings, in a fixed order (deterministic)."""
+    texts: list[str] = []
+    seen: set[str] = set()
+    for name in DOC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objects = [module] + [value for key, value in sorted(vars(module).items()) if not key.startswith("_")]
+        for obj in objects:
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj)) else None
+            for paragraph in (doc or "").split("\n\n"):
+                text = " ".join(paragraph.split())
+                words = text.split()
+                if 6 <= len(words) <= 60 and PROSE.match(text) and text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+                    if len(texts) >= limit:
+                        return texts
+    return texts
+
+
+def read_text_files(paths: list[Path]) -> list[str]:
+    """Blank-line-separated paragraphs of each file, whitespace collapsed."""
+    texts = []
+    for path in paths:
+        for paragraph in Path(path).read_text(encoding="utf-8").split("\n\n"):
+            text = " ".join(paragraph.split())
+            if text:
+                texts.append(text)
+    return texts
+
+
+class HiddenStateCapture:
+    """Teacher-forced and greedy passes through one loaded model's LLM."""
+
+    def __init__(self, model: OmniModel, options: DataOptions) -> None:
+        self.model = model
+        self.options = options
+        tokenizer = model.tokenizer
+        eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+        end_of_turn = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)
+        self.eos_ids = eos
+        self.prompts = PromptBuilder(model, end_of_turn)
+        self.phonemizer = phonemizer_for(EspeakSettings())
+        self.unit_index = {unit: i for i, unit in enumerate(EspeakSettings().units)}
+
+    def encode_text(self, text: str) -> tuple[str, list[int]]:
+        """Token ids of `text` as an answer, cut at a word boundary to at most `max_tokens`."""
+        tokenizer = self.model.tokenizer
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > self.options.max_tokens:
+            head = tokenizer.decode(ids[: self.options.max_tokens])
+            text = head.rsplit(" ", 1)[0] if " " in head else head
+            ids = tokenizer(text, add_special_tokens=False).input_ids[: self.options.max_tokens]
+        return text, ids
+
+    @torch.inference_mode()
+    def teacher_forced(self, question: str, answer_ids: list[int]) -> torch.Tensor:
+        """Final-norm hidden state that chose each answer token: position i-1's state for token i."""
+        prompt_ids = self.prompts.turn_ids(question, first=True)
+        network = self.model.network
+        ids = torch.tensor([prompt_ids + answer_ids], device=self.model.device)
+        states = network.model(inputs_embeds=network.embed_tokens(ids), use_cache=False).last_hidden_state[0]
+        start = len(prompt_ids) - 1
+        return states[start : start + len(answer_ids)].float().cpu()
+
+    @torch.inference_mode()
+    def greedy_answer(self, question: str) -> list[int]:
+        """The LLM's greedy answer to a text question (no end-of-turn token)."""
+        network = self.model.network
+        prompt_ids = self.prompts.turn_ids(question, first=True)
+        cache = network.new_cache()
+        step = network.step(network.embed_prompt(prompt_ids, []), cache)
+        answer: list[int] = []
+        for _ in range(self.options.answer_tokens):
+            token = int(step.logits[0].argmax())
+            if token in self.eos_ids:
+                break
+            answer.append(token)
+            step = network.step(network.embed_tokens(torch.tensor([[token]], device=self.model.device)), cache)
+        return answer
+
+    def units(self, text: str) -> list[int]:
+        return [self.unit_index[name] for name in self.phonemizer.text(text)]
+
+    def sample(self, text: str, question: str, source: str, ids: list[int] | None = None) -> Sample | None:
+        if ids is None:
+            text, ids = self.encode_text(text)
+        units = self.units(text)
+        if not ids or not units:
+            return None
+        return Sample(text=text, token_ids=ids, hidden=self.teacher_forced(question, ids), units=units, source=source)
+
+    def collect(self, texts: list[str]) -> list[Sample]:
+        """Teacher-forced samples for `texts`, then the LLM's greedy answers."""
+        samples: list[Sample] = []
+        began = time.perf_counter()
+        for index, text in enumerate(texts):
+            sample = self.sample(text, TEXT_PROMPT, "text")
+            if sample is not None:
+                samples.append(sample)
+            if (index + 1) % 200 == 0:
+                log.info("texts: %d/%d (%.0f s)", index + 1, len(texts), time.perf_counter() - began)
+        for index in range(self.options.answers):
+            question = QUESTIONS[index % len(QUESTIONS)]
+            if index >= len(QUESTIONS):  # later rounds ask a variant, so answers differ
+                question = f"{question} Answer in {2 + index // len(QUESTIONS)} sentences."
+            ids = self.greedy_answer(question)
+            text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if text:
+                ids = self.model.tokenizer(text, add_special_tokens=False).input_ids
+                sample = self.sample(text, question, "answer", ids)
+                if sample is not None:
+                    samples.append(sample)
+            if (index + 1) % 10 == 0:
+                log.info("answers: %d/%d (%.0f s)", index + 1, self.options.answers, time.perf_counter() - began)
+        return samples
+
+
+def is_heldout(text: str) -> bool:
+    return zlib.crc32(text.encode()) % HELDOUT_MODULUS == 0
+
+
+def save_samples(samples: list[Sample], path: Path, model: OmniModel) -> None:
+    """One safetensors file: concatenated per-token and per-unit tensors with offsets, plus the
+    embedding rows of every token used (so training needs neither the model nor its 49k-row table)."""
+    if not samples:
+        raise ValueError("no samples to save")
+    token_ids = torch.tensor([t for s in samples for t in s.token_ids], dtype=torch.int64)
+    used = torch.unique(token_ids)
+    with torch.inference_mode():
+        rows = model.network.embed_tokens(used.to(model.device)).float().cpu()
+    token_offsets = torch.tensor([0] + [len(s.token_ids) for s in samples]).cumsum(0)
+    unit_offsets = torch.tensor([0] + [len(s.units) for s in samples]).cumsum(0)
+    tensors = {
+        "hidden": torch.cat([s.hidden for s in samples]).half().contiguous(),
+        "token_ids": token_ids,
+        "units": torch.tensor([u for s in samples for u in s.units], dtype=torch.int64),
+        "token_offsets": token_offsets,
+        "unit_offsets": unit_offsets,
+        "heldout": torch.tensor([is_heldout(s.text) for s in samples], dtype=torch.uint8),
+        "from_answer": torch.tensor([s.source == "answer" for s in samples], dtype=torch.uint8),
+        "embed_ids": used,
+        "embed_rows": rows.half().contiguous(),
+    }
+    llm = model.config.llm
+    metadata = {
+        "units": json.dumps(list(EspeakSettings().units)),
+        "llm_hidden": str(llm.hidden_size),
+        "rope_theta": str((llm.rope_parameters or {}).get("rope_theta", 10000.0)),
+        "model": model.name,
+        "texts": json.dumps([s.text for s in samples]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@dataclass
+class CTCData:
+    """A saved data file, split into per-sample views."""
+
+    hidden: torch.Tensor
+    token_ids: torch.Tensor
+    units: torch.Tensor
+    token_offsets: torch.Tensor
+    unit_offsets: torch.Tensor
+    heldout: torch.Tensor
+    embed_ids: torch.Tensor
+    embed_rows: torch.Tensor
+    unit_names: list[str]
+    llm_hidden: int
+    rope_theta: float
+
+    @classmethod
+    def load(cls, path: Path) -> CTCData:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        t = load_file(str(path))
+        return cls(hidden=t["hidden"], token_ids=t["token_ids"], units=t["units"], token_offsets=t["token_offsets"],
+                   unit_offsets=t["unit_offsets"], heldout=t["heldout"].bool(), embed_ids=t["embed_ids"],
+                   embed_rows=t["embed_rows"], unit_names=json.loads(metadata["units"]),
+                   llm_hidden=int(metadata["llm_hidden"]), rope_theta=float(metadata["rope_theta"]))
+
+    def __len__(self) -> int:
+        return len(self.heldout)
+
+    def tokens(self, index: int) -> slice:
+        return slice(int(self.token_offsets[index]), int(self.token_offsets[index + 1]))
+
+    def unit_targets(self, index: int) -> torch.Tensor:
+        return self.units[int(self.unit_offsets[index]) : int(self.unit_offsets[index + 1])]
+
+    def embeddings(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of `token_ids` (every id in the file has one)."""
+        return self.embed_rows[torch.searchsorted(self.embed_ids, token_ids)]
+
+    def inputs(self, index: int, token_embedding: bool) -> torch.Tensor:
+        """(tokens, llm_hidden or 2 * llm_hidden) decoder input of one sample, in float32."""
+        part = self.tokens(index)
+        hidden = self.hidden[part].float()
+        if not token_embedding:
+            return hidden
+        return torch.cat([hidden, self.embeddings(self.token_ids[part]).float()], dim=-1)

@@ -1,0 +1,226 @@
+"""Training of a learned CTC unit generator (b) on data written by `omni_serve.default.ctc_data`.
+
+The model is the published `CTCSpeechGenerator` (causal decoder layers, `upsample_factor` positions
+per LLM token, blank = unit count), optionally fed [hidden state ; chosen token's embedding] and a
+within-token position embedding. Training is plain CTC loss with AdamW; the batch of each step is
+drawn from a generator seeded by the step number, so a resumed run sees exactly the batches an
+uninterrupted one would. A checkpoint (weights, optimizer, step) is written every
+`checkpoint_every` steps and at the end; the trained decoder is exported as fp16 safetensors plus a
+json of its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from omni_serve.default.ctc_data import CTCData
+from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "ctc_decoder.safetensors"
+SHAPE_FILE = "ctc_decoder.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Decoder shape and optimisation; the defaults are the CPU experiment's 1.75M-parameter decoder."""
+
+    layers: int = 3
+    hidden: int = 256
+    heads: int = 4
+    ffn: int = 512
+    upsample_factor: int = 10
+    token_embedding: bool = True
+    token_positions: bool = True
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    batch_size: int = 16
+    steps: int = 1000
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    eval_samples: int = 200
+    seed: int = 0
+    autocast: bool = True  # bf16 autocast: 1.5x faster on this CPU, and the GPU default
+
+
+def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_theta: float) -> CTCSpeechGenerator:
+    layer_config = LlamaConfig(hidden_size=config.hidden, num_attention_heads=config.heads,
+                               num_key_value_heads=config.heads, intermediate_size=config.ffn,
+                               num_hidden_layers=config.layers, head_dim=config.hidden // config.heads,
+                               rope_theta=rope_theta, rms_norm_eps=1e-5)
+    return CTCSpeechGenerator(llm_hidden, layer_config, config.upsample_factor, unit_count,
+                              token_embedding=config.token_embedding, token_positions=config.token_positions)
+
+
+def edit_distance(reference: list[int], hypothesis: list[int]) -> int:
+    previous = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, 1):
+        current = [i]
+        for j, h in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1]
+
+
+class Trainer:
+    """One training run in `out`, new or resumed from its checkpoint."""
+
+    def __init__(self, data: CTCData, out: Path, config: TrainConfig, device: str = "auto") -> None:
+        self.data = data
+        self.out = out
+        self.config = config
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        torch.manual_seed(config.seed)
+        self.unit_count = len(data.unit_names)
+        self.generator = make_generator(config, data.llm_hidden, self.unit_count, data.rope_theta).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.step = 0
+        usable = [i for i in range(len(data))
+                  if 0 < len(data.unit_targets(i)) <= (data.tokens(i).stop - data.tokens(i).start) * config.upsample_factor]
+        self.train_ids = [i for i in usable if not data.heldout[i]]
+        self.heldout_ids = [i for i in usable if data.heldout[i]]
+        if not self.train_ids:
+            raise ValueError("no training samples (every sample is held out or has more units than frames)")
+
+    @classmethod
+    def resume_or_new(cls, data: CTCData, out: Path, config: TrainConfig, resume: bool, device: str = "auto") -> Trainer:
+        """Resuming keeps the checkpoint's shape and optimisation settings; only `steps` comes from `config`."""
+        path = out / CHECKPOINT_FILE
+        if not (resume and path.is_file()):
+            return cls(data, out, config, device)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = replace(TrainConfig(**state["config"]), steps=config.steps)
+        trainer = cls(data, out, saved, device)
+        trainer.generator.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step = state["step"]
+        log.info("resumed %s at step %d", path, trainer.step)
+        return trainer
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.generator.parameters())
+
+    def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded inputs (batch, tokens, in), frame lengths, concatenated targets and their lengths."""
+        inputs = [self.data.inputs(i, self.config.token_embedding) for i in ids]
+        padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        frames = torch.tensor([len(x) * self.config.upsample_factor for x in inputs])
+        targets = [self.data.unit_targets(i) for i in ids]
+        return padded.to(self.device), frames, torch.cat(targets), torch.tensor([len(t) for t in targets])
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
+            return self.generator(inputs).float()
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth over the planned steps."""
+        config = self.config
+        if step < config.warmup_steps:
+            return config.learning_rate * (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_step(self) -> float:
+        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        picks = torch.randint(len(self.train_ids), (min(self.config.batch_size, len(self.train_ids)),), generator=rng)
+        inputs, frames, targets, target_lengths = self.batch([self.train_ids[int(i)] for i in picks])
+        self.generator.train()
+        log_probs = F.log_softmax(self.logits(inputs), dim=-1).transpose(0, 1)  # (frames, batch, units + 1)
+        loss = F.ctc_loss(log_probs, targets.to(self.device), frames, target_lengths,
+                          blank=self.generator.blank_id, zero_infinity=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def phoneme_error_rate(self, ids: list[int]) -> float:
+        """Edit distance of greedy CTC decoding to the targets, over the targets' total length."""
+        self.generator.eval()
+        errors = total = 0
+        for start in range(0, len(ids), 32):
+            chunk = ids[start : start + 32]
+            inputs, frames, _, _ = self.batch(chunk)
+            best = self.logits(inputs).argmax(-1).cpu()
+            for row, index in enumerate(chunk):
+                units = ctc_collapse(best[row, : int(frames[row])].tolist(), self.generator.blank_id)
+                reference = self.data.unit_targets(index).tolist()
+                errors += edit_distance(reference, units)
+                total += len(reference)
+        return errors / max(1, total)
+
+    def evaluate(self) -> dict[str, float]:
+        n = self.config.eval_samples
+        result = {"train_per": self.phoneme_error_rate(self.train_ids[:n])}
+        if self.heldout_ids:
+            result["heldout_per"] = self.phoneme_error_rate(self.heldout_ids[:n])
+        return result
+
+    def save_checkpoint(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "config": asdict(self.config)}
+        temporary = self.out / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.out / CHECKPOINT_FILE)  # a run killed while saving keeps the previous one
+
+    def export(self) -> None:
+        """fp16 weights (the checkpoint's key names) and the decoder's shape, for loading beside a model."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().half().contiguous().cpu() for k, v in self.generator.state_dict().items()}
+        save_file(weights, str(self.out / WEIGHTS_FILE))
+        shape = {**asdict(self.config), "llm_hidden": self.data.llm_hidden, "units": self.data.unit_names,
+                 "rope_theta": self.data.rope_theta, "step": self.step}
+        (self.out / SHAPE_FILE).write_text(json.dumps(shape, indent=1))
+
+    def record(self, entry: dict) -> None:
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / LOG_FILE).open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def run(self, max_seconds: float | None = None, until_step: int | None = None) -> dict[str, float]:
+        """Train up to `config.steps` (or until `max_seconds` or `until_step`), checkpointing; returns the
+        last evaluation. Stopping early keeps the planned learning-rate schedule, so a resumed run with
+        the same `steps` takes exactly the steps an uninterrupted one would."""
+        config = self.config
+        end = min(config.steps, until_step if until_step is not None else config.steps)
+        began = time.perf_counter()
+        log.info("decoder: %d parameters; %d train / %d held-out samples; device %s", self.parameter_count(),
+                 len(self.train_ids), len(self.heldout_ids), self.device)
+        losses: list[float] = []
+        result: dict[str, float] = {}
+        while self.step < end:
+            losses.append(self.train_step())
+            last = self.step == end or (max_seconds is not None and time.perf_counter() - began > max_seconds)
+            if self.step % config.eval_every == 0 or last:
+                result = {"step": self.step, "loss": sum(losses) / len(losses), **self.evaluate(),
+                          "seconds": round(time.perf_counter() - began, 1)}
+                self.record(result)
+                losses = []
+            if self.step % config.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+            if last:
+                break
+        self.export()
+        return result

@@ -1,0 +1,123 @@
+"""The learned unit generator (b)'s pipeline: make-data alignment, CTC training, resume, and the
+generator's token-embedding option (streaming must equal the full pass that training uses).
+
+Everything runs on the tiny random reference model and a decoder of a few thousand parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni_serve.cli import SUBCOMMANDS, main
+from omni_serve.default.ctc_data import CTCData, DataOptions, HiddenStateCapture, save_samples
+from omni_serve.default.ctc_train import CHECKPOINT_FILE, SHAPE_FILE, WEIGHTS_FILE, Trainer, TrainConfig, edit_distance
+from omni_serve.model.ctc_generator import DecoderCache
+from omni_serve.model.espeak import EspeakSettings, phonemizer_for
+
+TEXTS = ["The cat sat on the mat.", "It is a sunny day in the park.", "Please read this short sentence aloud."]
+SMALL = TrainConfig(layers=1, hidden=32, heads=2, ffn=64, upsample_factor=4, learning_rate=3e-3, warmup_steps=1,
+                    batch_size=3, steps=40, checkpoint_every=10, eval_every=10, autocast=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: tiny ops on a shared two-core machine ran many times slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_file(fixture_model, tmp_path_factory) -> Path:
+    capture = HiddenStateCapture(fixture_model, DataOptions(max_tokens=64))
+    path = tmp_path_factory.mktemp("ctc") / "data.safetensors"
+    save_samples(capture.collect(TEXTS), path, fixture_model)
+    return path
+
+
+def test_make_data_pairs_each_token_with_the_state_that_chose_it(fixture_model, data_file):
+    data = CTCData.load(data_file)
+    assert len(data) == 3 and data.llm_hidden == fixture_model.config.llm.hidden_size
+    assert data.unit_names == list(EspeakSettings().units)
+    tokenizer, network = fixture_model.tokenizer, fixture_model.network
+    capture = HiddenStateCapture(fixture_model, DataOptions())
+    for index, text in enumerate(TEXTS):
+        part = data.tokens(index)
+        ids = data.token_ids[part].tolist()
+        assert ids == tokenizer(text, add_special_tokens=False).input_ids
+        names = phonemizer_for(EspeakSettings()).text(text)
+        assert data.unit_targets(index).tolist() == [data.unit_names.index(n) for n in names]
+        # The engine pushes (hidden that chose token i, token i): replay its incremental steps.
+        with torch.inference_mode():
+            cache = network.new_cache()
+            step = network.step(network.embed_prompt(capture.prompts.turn_ids("Please say something.", True), []),
+                                cache)
+            for position, token in enumerate(ids):
+                torch.testing.assert_close(data.hidden[part][position].float(), step.hidden[0].float(),
+                                           atol=2e-3, rtol=2e-3)
+                step = network.step(network.embed_tokens(torch.tensor([[token]])), cache)
+            rows = network.embed_tokens(torch.tensor(ids)).float()
+        torch.testing.assert_close(data.embeddings(torch.tensor(ids)).float(), rows, atol=2e-3, rtol=2e-3)
+        assert data.inputs(index, token_embedding=True).shape == (len(ids), 2 * data.llm_hidden)
+
+
+def test_training_overfits_a_tiny_set(data_file, tmp_path):
+    trainer = Trainer(CTCData.load(data_file), tmp_path, SMALL, device="cpu")
+    trainer.train_ids = trainer.train_ids + trainer.heldout_ids  # three samples: overfit all of them
+    first = [trainer.train_step() for _ in range(3)]
+    for _ in range(SMALL.steps - 6):
+        trainer.train_step()
+    last = [trainer.train_step() for _ in range(3)]
+    assert sum(last) < 0.7 * sum(first)
+    assert trainer.phoneme_error_rate(trainer.train_ids) < 1.0
+
+
+def test_resume_continues_from_the_saved_step_exactly(data_file, tmp_path):
+    data = CTCData.load(data_file)
+    whole = Trainer(data, tmp_path / "whole", replace_steps(20), device="cpu")
+    whole.run()
+    part = Trainer(data, tmp_path / "part", replace_steps(20), device="cpu")
+    part.run(until_step=10)
+    resumed = Trainer.resume_or_new(data, tmp_path / "part", replace_steps(20), resume=True, device="cpu")
+    assert resumed.step == 10
+    resumed.run()
+    assert resumed.step == 20
+    for name, value in whole.generator.state_dict().items():
+        torch.testing.assert_close(resumed.generator.state_dict()[name], value, atol=1e-5, rtol=1e-5)
+    assert {CHECKPOINT_FILE, WEIGHTS_FILE, SHAPE_FILE} <= {p.name for p in (tmp_path / "part").iterdir()}
+
+
+def replace_steps(steps: int) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(SMALL, steps=steps)
+
+
+def test_token_embedding_decoder_streams_like_its_full_pass(data_file):
+    data = CTCData.load(data_file)
+    generator = Trainer(data, Path("unused"), SMALL, device="cpu").generator.eval()
+    inputs = data.inputs(0, token_embedding=True).unsqueeze(0)
+    with torch.inference_mode():
+        full = generator(inputs)
+        cache = DecoderCache()
+        steps = torch.cat([generator(inputs[:, i : i + 1], cache) for i in range(inputs.shape[1])], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    assert full.shape == (1, inputs.shape[1] * SMALL.upsample_factor, len(data.unit_names) + 1)
+
+
+def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
+    assert SUBCOMMANDS["make-data"] == "omni_serve.cli.make_data" and SUBCOMMANDS["train"] == "omni_serve.cli.train"
+    common = ["train", "--data", str(data_file), "--out", str(tmp_path), "--layers", "1", "--hidden", "32",
+              "--heads", "2", "--ffn", "64", "--upsample", "4", "--eval-every", "2", "--checkpoint-every", "2",
+              "--no-autocast", "--device", "cpu"]
+    assert main(common + ["--steps", "2"]) == 0
+    assert main(common + ["--steps", "4", "--resume"]) == 0
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 4
+
+
+def test_edit_distance():
+    assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2 and edit_distance([7], [7]) == 0
