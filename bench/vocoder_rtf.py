@@ -1,8 +1,7 @@
 """Unit HiFi-GAN real-time factor (vocoder seconds / audio seconds) and streaming exactness.
 
 Speed, with the published vocoder shape (512 channels, 128-dim units, random weights):
-- whole utterance: `UnitHiFiGAN.forward` (cache-sized tiles through the streaming synthesiser) and
-  one plain pass over all frames (`synthesize`, the definition);
+- whole utterance: `UnitHiFiGAN.forward` (durations, then one pass over all frames);
 - streamed with chunks of 10 and 40 units: our `HiFiGANStream` (each sample computed once), and the
   previous approach, kept here to compare: each push re-synthesises a window with the receptive
   field of context on both sides.
@@ -65,10 +64,7 @@ def speed(units_count: int, repeats: int) -> dict:
     for chunk in CHUNKS:  # frames known after each push (durations lag 2 units; close enough for cost)
         ends = np.cumsum(durations[0].tolist())
         frame_ends_by_chunk[chunk] = [int(ends[min(i + chunk, units_count) - 1]) for i in range(0, units_count, chunk)]
-    cases = {
-        "whole (tiled stream)": lambda: model(units),
-        "whole (one plain pass)": lambda: model.synthesize(frames),
-    }
+    cases = {"whole utterance": lambda: model(units)}
     for chunk in CHUNKS:
         cases[f"stream {chunk} units (ours)"] = lambda chunk=chunk: stream_units(model, unit_list, chunk)
         cases[f"stream {chunk} units (window recompute, before)"] = (
@@ -93,7 +89,7 @@ def exactness() -> dict:
     whole = np.load(FIXTURES / "vocoder-outputs" / "units60_dur.npy")
     ours_whole = model(torch.tensor([units])).numpy()
     spf, rate = model.samples_per_frame, model.config.sampling_rate
-    rows = [dict(method="ours: whole utterance (tiled)", samples=ours_whole.size, max_abs_diff=_diff(ours_whole, whole))]
+    rows = [dict(method="ours: whole utterance", samples=ours_whole.size, max_abs_diff=_diff(ours_whole, whole))]
     for chunk in CHUNKS:
         independent = np.concatenate([model(torch.tensor([units[i : i + chunk]])).numpy()
                                       for i in range(0, len(units), chunk)])
@@ -101,10 +97,11 @@ def exactness() -> dict:
                          max_abs_diff=_diff(independent, whole)))
     for chunk in (1, *CHUNKS):
         joined, _ = stream_units(model, units, chunk)
-        rows.append(dict(method=f"ours: stream, chunks of {chunk}", samples=joined.size, max_abs_diff=_diff(joined, whole)))
+        rows.append(dict(method=f"ours: stream, chunks of {chunk}", samples=joined.size,
+                         max_abs_diff=_diff(joined, whole)))
     lookahead = []
     for frames_ahead in LOOKAHEADS:  # units one at a time: the lag is what is held back after each push
-        joined, sizes = stream_units(model, units, 1, frames_ahead)
+        joined, _ = stream_units(model, units, 1, frames_ahead)
         stream = _held_back(model, units, frames_ahead)
         lookahead.append(dict(lookahead_frames="exact" if frames_ahead is None else frames_ahead,
                               max_abs_diff=_diff(joined, whole), mean_held_back_frames=stream,

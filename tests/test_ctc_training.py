@@ -12,8 +12,20 @@ import pytest
 import torch
 
 from omni_serve.cli import SUBCOMMANDS, main
-from omni_serve.default.ctc_data import CTCData, DataOptions, HiddenStateCapture, save_samples
-from omni_serve.default.ctc_train import CHECKPOINT_FILE, SHAPE_FILE, WEIGHTS_FILE, Trainer, TrainConfig, edit_distance
+from omni_serve.default.ctc_data import (
+    CTCData,
+    DataOptions,
+    HiddenStateCapture,
+    save_samples,
+)
+from omni_serve.default.ctc_train import (
+    CHECKPOINT_FILE,
+    SHAPE_FILE,
+    WEIGHTS_FILE,
+    TrainConfig,
+    Trainer,
+    edit_distance,
+)
 from omni_serve.model.ctc_generator import DecoderCache
 from omni_serve.model.espeak import EspeakSettings, phonemizer_for
 

@@ -122,7 +122,9 @@ def test_uploaded_file_continues_the_conversation_and_stop_cancels(stack, open_p
     driver.wait_done()
     assert_answered(driver)
 
-    driver.upload(Q1)  # second turn, same conversation
+    driver.upload(Q1)  # second turn, same conversation, long enough that Stop lands mid-answer
+    driver.set_setting("temperature", 1.0)
+    driver.set_setting("max_new_tokens", 1024)
     driver.send()
     driver.wait_sound(timeout_s=60)
     driver.page.locator("#stop").click()

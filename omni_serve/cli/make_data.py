@@ -29,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     from omni_serve.default.ctc_data import (
-        DataOptions, HiddenStateCapture, docstring_texts, read_text_files, save_samples,
+        DataOptions,
+        HiddenStateCapture,
+        docstring_texts,
+        read_text_files,
+        save_samples,
     )
     from omni_serve.model.loader import load_model
 

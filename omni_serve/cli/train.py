@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     from omni_serve.default.ctc_data import CTCData
-    from omni_serve.default.ctc_train import Trainer, TrainConfig
+    from omni_serve.default.ctc_train import TrainConfig, Trainer
 
     config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
                          upsample_factor=args.upsample, token_embedding=not args.hidden_only,

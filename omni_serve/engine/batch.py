@@ -19,7 +19,8 @@ class GrowingLayer(DynamicLayer):
     decode step (a third of a batched step's time at 8 rows); this writes only the new positions.
     """
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         used = self.keys.shape[-2] if self.keys.numel() else 0

@@ -121,7 +121,8 @@ class HiFiGANStream:
     def push(self, units: list[int], final: bool) -> np.ndarray:
         self.units.extend(u for u in units if u >= 0)
         self._finalise_durations(final)
-        ids = torch.tensor([self.frame_units[self.fed_frames :]], dtype=torch.long, device=self.model.dict.weight.device)
+        device = self.model.dict.weight.device
+        ids = torch.tensor([self.frame_units[self.fed_frames :]], dtype=torch.long, device=device)
         self.fed_frames = len(self.frame_units)
         new = self.synthesis.push(self.model.frames(ids, None), final).float().cpu()
         self.exact = torch.cat([self.exact, new])

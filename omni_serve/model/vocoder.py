@@ -22,7 +22,6 @@ from omni_serve.model.errors import CheckpointError
 
 INNER_SLOPE = 0.1  # leaky ReLU slope inside the network
 FINAL_SLOPE = 0.01  # torch's default slope, used once before conv_post (as fairseq does)
-TILE_FRAMES = 64  # frames per step of whole-utterance synthesis (keeps activations in the CPU cache)
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for dilated, plain in zip(self.convs1, self.convs2):
-            x = x + plain(F.leaky_relu(dilated(F.leaky_relu(x, INNER_SLOPE)), INNER_SLOPE))
+            x = plain(F.leaky_relu(dilated(F.leaky_relu(x, INNER_SLOPE)), INNER_SLOPE, inplace=True)).add_(x)
         return x
 
 
@@ -147,10 +146,10 @@ class UnitHiFiGAN(nn.Module):
         num_kernels = len(self.config.resblock_kernel_sizes)
         x = self.conv_pre(frames)
         for stage, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, INNER_SLOPE))
+            x = up(F.leaky_relu(x, INNER_SLOPE, inplace=True))  # x is always a fresh tensor here
             blocks = self.resblocks[stage * num_kernels : (stage + 1) * num_kernels]
             x = sum(block(x) for block in blocks) / num_kernels
-        x = self.conv_post(F.leaky_relu(x, FINAL_SLOPE))
+        x = self.conv_post(F.leaky_relu(x, FINAL_SLOPE, inplace=True))
         return torch.tanh(x).view(-1)
 
     @torch.inference_mode()
@@ -158,15 +157,7 @@ class UnitHiFiGAN(nn.Module):
         """Whole-utterance vocoding of (1, units) ids; negative ids are dropped first."""
         units = units[units >= 0].view(1, -1)
         durations = self.durations(units) if use_durations else None
-        return self.synthesize_in_tiles(self.frames(units, durations))
-
-    def synthesize_in_tiles(self, frames: torch.Tensor, tile: int = TILE_FRAMES) -> torch.Tensor:
-        """`synthesize` through a `SynthesisStream`, `tile` frames at a time: the same samples, and
-        faster on CPU, where a whole utterance's activations do not fit in the cache."""
-        stream = self.synthesis_stream()
-        count = frames.shape[2]
-        return torch.cat([stream.push(frames[:, :, i : i + tile], final=i + tile >= count)
-                          for i in range(0, max(count, 1), tile)])
+        return self.synthesize(self.frames(units, durations))
 
     def synthesis_stream(self) -> "SynthesisStream":
         """Incremental, exact `synthesize`: push frames, get every sample they already determine."""
@@ -193,8 +184,9 @@ class SynthesisStream:
 
     Each convolution keeps the input samples its next outputs still need (its left context) and
     outputs only samples whose inputs have all arrived, so the output lags the input by the
-    network's reach and the joined output equals `synthesize` over all frames. Chunks stay small
-    enough for the cache, which makes this faster than one whole-utterance pass on CPU.
+    network's reach and the joined output equals `synthesize` over all frames (to float rounding).
+    Each leaky ReLU is applied while copying a convolution's new input after its held context, and
+    skip connections are added in place, so a push makes few passes over memory.
     """
 
     def __init__(self, model: UnitHiFiGAN) -> None:
@@ -211,8 +203,7 @@ class SynthesisStream:
         x = self.pre(frames, final)
         for stage in self.stages:
             x = stage(x, final)
-        x = self.post(F.leaky_relu(x, FINAL_SLOPE), final)
-        return torch.tanh(x).view(-1)
+        return torch.tanh_(self.post(x, final, FINAL_SLOPE)).view(-1)
 
     def clone(self) -> "SynthesisStream":
         """An independent copy of the state (to flush speculatively without disturbing this one)."""
@@ -220,6 +211,20 @@ class SynthesisStream:
         twin.pre, twin.post = self.pre.clone(), self.post.clone()
         twin.stages = [stage.clone() for stage in self.stages]
         return twin
+
+
+def _window(held: torch.Tensor, x: torch.Tensor, slope: float | None, right_zeros: int = 0) -> torch.Tensor:
+    """held, then leaky_relu(x, slope) (x itself when slope is None), then zeros, in one new tensor."""
+    width, count = held.shape[2], x.shape[2]
+    window = x.new_empty(1, x.shape[1], width + count + right_zeros)
+    window[:, :, :width] = held
+    if slope is None:
+        window[:, :, width : width + count] = x
+    else:
+        torch._C._nn.leaky_relu(x, slope, out=window[:, :, width : width + count])
+    if right_zeros:
+        window[:, :, width + count :] = 0
+    return window
 
 
 class _StreamConv:
@@ -230,12 +235,11 @@ class _StreamConv:
         self.pad = conv.padding[0]
         self.held: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, final: bool, slope: float | None = None) -> torch.Tensor:
+        """Outputs for new inputs `x` (leaky ReLU with `slope` applied to them first, if given)."""
         conv, pad = self.conv, self.pad
-        parts = [x.new_zeros(1, x.shape[1], pad) if self.held is None else self.held, x]
-        if final:
-            parts.append(x.new_zeros(1, x.shape[1], pad))
-        window = torch.cat(parts, dim=2)
+        held = x.new_zeros(1, x.shape[1], pad) if self.held is None else self.held
+        window = _window(held, x, slope, pad if final else 0)
         self.held = window[:, :, max(0, window.shape[2] - 2 * pad) :].clone()
         if window.shape[2] <= 2 * pad:
             return x.new_zeros(1, conv.out_channels, 0)
@@ -246,7 +250,10 @@ class _StreamConv:
 
 
 class _StreamUpsample:
-    """The ConvTranspose1d of a stage on a stream: output t needs inputs (t + pad - kernel + 1) / rate .. (t + pad) / rate."""
+    """A stage's ConvTranspose1d on a stream.
+
+    Output t needs inputs (t + pad - kernel + 1) / rate up to (t + pad) / rate (rounded in).
+    """
 
     def __init__(self, up: nn.ConvTranspose1d) -> None:
         self.up = up
@@ -255,9 +262,10 @@ class _StreamUpsample:
         self.first = 0  # input index of held[..., 0]
         self.emitted = 0  # outputs given so far
 
-    def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, final: bool, slope: float) -> torch.Tensor:
         up, rate, pad = self.up, self.rate, self.pad
-        window = x if self.held is None else torch.cat([self.held, x], dim=2)
+        held = x.new_zeros(1, x.shape[1], 0) if self.held is None else self.held
+        window = _window(held, x, slope)
         inputs = self.first + window.shape[2]
         end = inputs * rate if final else inputs * rate - pad  # outputs before `end` have all their inputs
         if end <= self.emitted:
@@ -284,12 +292,12 @@ class _StreamResBlock:
 
     def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
         for index, (dilated, plain) in enumerate(self.convs):
-            inner = F.leaky_relu(dilated(F.leaky_relu(x, INNER_SLOPE), final), INNER_SLOPE)
-            y = plain(inner, final)
+            y = plain(dilated(x, final, INNER_SLOPE), final, INNER_SLOPE)  # y is new: add the skip in place
             skip = x if self.skips[index] is None else torch.cat([self.skips[index], x], dim=2)
             ready = y.shape[2]
+            y += skip[:, :, :ready]
             self.skips[index] = skip[:, :, ready:]
-            x = skip[:, :, :ready] + y
+            x = y
         return x
 
     def clone(self) -> "_StreamResBlock":
@@ -308,14 +316,17 @@ class _StreamStage:
         self.waiting: list[torch.Tensor | None] = [None] * len(self.blocks)
 
     def __call__(self, x: torch.Tensor, final: bool) -> torch.Tensor:
-        x = self.up(F.leaky_relu(x, INNER_SLOPE), final)
+        x = self.up(x, final, INNER_SLOPE)
         outputs = []
         for index, block in enumerate(self.blocks):
             y = block(x, final)
             outputs.append(y if self.waiting[index] is None else torch.cat([self.waiting[index], y], dim=2))
         ready = min(y.shape[2] for y in outputs)
         self.waiting = [y[:, :, ready:] for y in outputs]
-        return sum(y[:, :, :ready] for y in outputs) / len(self.blocks)
+        total = outputs[0][:, :, :ready].clone()  # sum() order: ((y0 + y1) + y2) / n, as in `synthesize`
+        for y in outputs[1:]:
+            total += y[:, :, :ready]
+        return total.div_(len(outputs))
 
     def clone(self) -> "_StreamStage":
         twin = copy.copy(self)
