@@ -45,6 +45,7 @@ from omni_serve.engine import (
     SpeechRequest,
     prepare_waveform,
 )
+from omni_serve.default.ctc_train import edit_distance
 from omni_serve.model.espeak import wav_samples
 from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import tokenize_speech_prompt
@@ -128,16 +129,6 @@ class Sample:
 
 def words(text: str) -> list[str]:
     return NORMALIZE(text).split()
-
-
-def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
 
 
 def rouge_l_f1(reference: str, candidate: str) -> float:

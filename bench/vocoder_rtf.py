@@ -129,7 +129,7 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     args = parse_args("vocoder real-time factor and streaming exactness")
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (2 if args.quick else 7)
     result = dict(bench="vocoder_rtf", note=machine_note(), goal_rtf=GOAL_RTF,
                   speed=speed(60 if args.quick else 250, repeats), exactness=exactness())
     cases = result["speed"]["cases"]

@@ -124,33 +124,32 @@ def whisper_state_dict(variables: dict[str, np.ndarray], dims: ModelDimensions) 
         _linear(state, f"encoder.{conv}", variables, f"encoder/{conv}")
     state["encoder.positional_embedding"] = torch.from_numpy(variables["encoder/position_encodings/encodings"].copy())
     for i in range(dims.n_audio_layer):
-        block, layer = f"encoder.blocks.{i}", f"encoder/layer_{i}"
-        _norm(state, f"{block}.attn_ln", variables, f"{layer}/self_attention/layer_norm")
-        _split_rows(state, [f"{block}.attn.{p}" for p in ("query", "key", "value")], variables,
-                    f"{layer}/self_attention/linear_0")
-        _linear(state, f"{block}.attn.out", variables, f"{layer}/self_attention/linear_1")
-        _norm(state, f"{block}.mlp_ln", variables, f"{layer}/ffn/layer_norm")
-        _linear(state, f"{block}.mlp.0", variables, f"{layer}/ffn/linear_0")
-        _linear(state, f"{block}.mlp.2", variables, f"{layer}/ffn/linear_1")
+        _self_attention_and_mlp(state, f"encoder.blocks.{i}", variables, f"encoder/layer_{i}")
     _norm(state, "encoder.ln_post", variables, "encoder/layer_norm")
     state["decoder.token_embedding.weight"] = torch.from_numpy(variables["decoder/embeddings/weight"].copy())
     state["decoder.positional_embedding"] = torch.from_numpy(variables["decoder/position_encodings/encodings"].copy())
     for i in range(dims.n_text_layer):
         block, layer = f"decoder.blocks.{i}", f"decoder/layer_{i}"
-        _norm(state, f"{block}.attn_ln", variables, f"{layer}/self_attention/layer_norm")
-        _split_rows(state, [f"{block}.attn.{p}" for p in ("query", "key", "value")], variables,
-                    f"{layer}/self_attention/linear_0")
-        _linear(state, f"{block}.attn.out", variables, f"{layer}/self_attention/linear_1")
+        _self_attention_and_mlp(state, block, variables, layer)
         _norm(state, f"{block}.cross_attn_ln", variables, f"{layer}/attention/layer_norm")
         _linear(state, f"{block}.cross_attn.query", variables, f"{layer}/attention/linear_0")
         _split_rows(state, [f"{block}.cross_attn.{p}" for p in ("key", "value")], variables,
                     f"{layer}/attention/linear_1")
         _linear(state, f"{block}.cross_attn.out", variables, f"{layer}/attention/linear_2")
-        _norm(state, f"{block}.mlp_ln", variables, f"{layer}/ffn/layer_norm")
-        _linear(state, f"{block}.mlp.0", variables, f"{layer}/ffn/linear_0")
-        _linear(state, f"{block}.mlp.2", variables, f"{layer}/ffn/linear_1")
     _norm(state, "decoder.ln", variables, "decoder/layer_norm")
     return state
+
+
+def _self_attention_and_mlp(state: dict[str, torch.Tensor], block: str, variables: dict[str, np.ndarray],
+                            layer: str) -> None:
+    """The parts every encoder and decoder layer shares: self-attention (fused q/k/v) and the MLP."""
+    _norm(state, f"{block}.attn_ln", variables, f"{layer}/self_attention/layer_norm")
+    _split_rows(state, [f"{block}.attn.{p}" for p in ("query", "key", "value")], variables,
+                f"{layer}/self_attention/linear_0")
+    _linear(state, f"{block}.attn.out", variables, f"{layer}/self_attention/linear_1")
+    _norm(state, f"{block}.mlp_ln", variables, f"{layer}/ffn/layer_norm")
+    _linear(state, f"{block}.mlp.0", variables, f"{layer}/ffn/linear_0")
+    _linear(state, f"{block}.mlp.2", variables, f"{layer}/ffn/linear_1")
 
 
 def convert_ct2_whisper(model_dir: Path, out_path: Path) -> ModelDimensions:

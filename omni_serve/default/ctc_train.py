@@ -11,6 +11,8 @@ json of its shape.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import json
 import logging
 import math
@@ -66,7 +68,8 @@ def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_t
                               token_embedding=config.token_embedding, token_positions=config.token_positions)
 
 
-def edit_distance(reference: list[int], hypothesis: list[int]) -> int:
+def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
+    """Levenshtein distance between two sequences (phoneme ids here, words in the quality benchmark)."""
     previous = list(range(len(hypothesis) + 1))
     for i, r in enumerate(reference, 1):
         current = [i]
