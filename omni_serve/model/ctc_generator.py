@@ -92,13 +92,17 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[DecoderCache] | None,
-                layer: int) -> torch.Tensor:
-        """Causal attention over each row's cache (if any) and its new positions; extends the caches."""
-        batch, length, _ = x.shape
+                layer: int, repeats: int = 1) -> torch.Tensor:
+        """Causal attention over each row's cache (if any) and its new positions; extends the caches.
+
+        With `repeats` > 1, each position of `x` stands for that many identical positions: their
+        projections are computed once and copied (rotary positions still tell the copies apart).
+        """
+        batch, length = x.shape[0], x.shape[1] * repeats
         shape = (batch, length, self.heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = (proj(x).repeat_interleave(repeats, dim=1) if repeats > 1 else proj(x)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if caches is None:
@@ -128,8 +132,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[DecoderCache] | None,
-                layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, layer)
+                layer: int, repeats: int = 1) -> torch.Tensor:
+        """One layer; `repeats` > 1 means every position of `x` stands for that many identical ones."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, caches, layer, repeats)
+        x = (x.repeat_interleave(repeats, dim=1) if repeats > 1 else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,18 +172,22 @@ class CTCSpeechGenerator(nn.Module):
         """
         caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
-        x = x.repeat_interleave(self.upsample_factor, dim=1)
+        # The upsampled positions of one hidden state are identical until the first attention mixes
+        # in their rotary positions, so the first layer computes its projections once per state.
+        repeats = self.upsample_factor
         if hasattr(self, "token_position_embed"):  # every hidden state adds exactly upsample_factor positions
+            x = x.repeat_interleave(repeats, dim=1)
             x = x + self.token_position_embed.weight.repeat(hidden.shape[1], 1).to(x.dtype)
+            repeats = 1
         starts = [c.length for c in caches] if caches is not None else [0]
-        steps = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        steps = torch.arange(hidden.shape[1] * self.upsample_factor, device=x.device, dtype=torch.float32)
         positions = torch.tensor(starts, device=x.device, dtype=torch.float32)[:, None] + steps  # (rows, new)
         freqs = positions[..., None] * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (rows, 1, new, head_dim)
         cos = (angles.cos() * self.rope_scaling).to(x.dtype)
         sin = (angles.sin() * self.rope_scaling).to(x.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches, index)
+            x = layer(x, cos, sin, caches, index, repeats if index == 0 else 1)
         for c in caches or []:
             c.length += x.shape[1]
         return self.output_proj(x)
