@@ -91,7 +91,7 @@ def test_rope_unpermute_inverts_llama_cpp_order():
 
 
 def test_build_is_reused_and_complete(built_dir):
-    assert is_built(built_dir, Sources.locate())
+    assert is_built(built_dir, Sources.locate(), "espeak_text")
     assert build_default(built_dir) == built_dir  # current: returns without rebuilding
     for name in ("config.json", "model.safetensors", "tokenizer.json", SPEECH_ENCODER_FILE, "README.md"):
         assert (built_dir / name).is_file(), name
@@ -217,6 +217,42 @@ def test_spoken_question_gets_text_and_matching_speech(smol):
     streamed_wer = word_error_rate(final.text, smol.front_end.transcribe(speech))
     assert streamed_wer <= word_error_rate(final.text, smol.front_end.transcribe(direct)) + 0.2
     assert streamed_wer <= 0.6
+
+
+def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp_path_factory):
+    """Generator (b): the shipped trained decoder, merged into its own folder, streams in the engine the
+    units that one full pass of the decoder (as in training) gives over the same answer."""
+    from safetensors.torch import load_file
+
+    from omni_serve.default.build import CHECKPOINT_DIR
+    from omni_serve.default.ctc_data import DataOptions, HiddenStateCapture
+    from omni_serve.model.ctc_generator import ctc_collapse
+
+    folder = build_default(tmp_path_factory.mktemp("learned") / "omni-smol-learned", progress=False,
+                           generator="learned")
+    model = load_model(folder, device="cpu")
+    assert model.config.unit_generator == "ctc" and model.config.ctc_token_embedding
+    generator = model.network.speech_generator
+    for key, value in load_file(str(CHECKPOINT_DIR / "ctc_decoder.safetensors")).items():
+        assert torch.equal(generator.state_dict()[key], value.float()), key
+
+    engine = Engine(model)
+    try:
+        events = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=24), text=QUESTION)))
+    finally:
+        engine.close()
+    final = events[-1]
+    assert isinstance(final, Finished) and final.units
+    assert sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
+
+    capture = HiddenStateCapture(model, DataOptions())
+    answer = final.token_ids[:-1] if final.stopped_on_eos else final.token_ids
+    with torch.inference_mode():
+        hidden = capture.teacher_forced(QUESTION, answer)
+        embeddings = model.network.embed_tokens(torch.tensor(answer)).float()
+        logits = generator(torch.cat([hidden, embeddings], dim=-1).unsqueeze(0))
+    offline = ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)
+    assert offline and final.units[: len(offline)] == offline  # an EOS token may add units after these
 
 
 def test_demo_launches_the_stack_on_the_built_model():

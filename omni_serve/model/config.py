@@ -54,6 +54,8 @@ class OmniConfig:
     prompt_format: str = "llama3_reference"  # or "chat_template"
     unit_generator: str = "ctc"  # or "espeak_text"
     vocoder: str = "hifigan"  # or "espeak"
+    ctc_token_embedding: bool = False  # decoder input is [hidden state ; chosen token's embedding]
+    ctc_token_positions: bool = False  # learned embedding of each upsampled position's index
     system_prompt: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +89,8 @@ class OmniConfig:
             prompt_format=omni.get("prompt_format", "llama3_reference"),
             unit_generator=omni.get("unit_generator", "ctc"),
             vocoder=omni.get("vocoder", "hifigan"),
+            ctc_token_embedding=bool(omni.get("ctc_token_embedding", False)),
+            ctc_token_positions=bool(omni.get("ctc_token_positions", False)),
             system_prompt=omni.get("system_prompt"),
             extras=omni,
         )

@@ -38,7 +38,8 @@ class OmniModel:
     def new_unit_stream(self) -> UnitStream:
         """A fresh per-request unit generator of the kind the config names."""
         if self.config.unit_generator == "ctc":
-            return CTCUnitStream(self.network.speech_generator)
+            embeddings = self.network.model.embed_tokens if self.config.ctc_token_embedding else None
+            return CTCUnitStream(self.network.speech_generator, embeddings)
         from omni_serve.model.espeak import EspeakSettings, EspeakTextUnitStream
 
         return EspeakTextUnitStream(EspeakSettings.from_extras(self.config.extras))

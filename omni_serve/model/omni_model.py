@@ -47,7 +47,8 @@ class OmniSpeechLlama(nn.Module):
         self.lm_head = nn.Linear(config.llm.hidden_size, config.llm.vocab_size, bias=False)
         if config.unit_generator == "ctc" and config.ctc_decoder is not None:
             self.speech_generator = CTCSpeechGenerator(
-                config.llm.hidden_size, config.ctc_layer_config(), config.ctc_upsample_factor, config.unit_vocab_size
+                config.llm.hidden_size, config.ctc_layer_config(), config.ctc_upsample_factor, config.unit_vocab_size,
+                token_embedding=config.ctc_token_embedding, token_positions=config.ctc_token_positions,
             )
 
     def new_cache(self) -> DynamicCache:

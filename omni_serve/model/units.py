@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from omni_serve.model.config import OmniConfig
 from omni_serve.model.ctc_generator import CTCSpeechGenerator, DecoderCache, ctc_collapse
@@ -48,22 +49,30 @@ class UnitVocoder(Protocol):
 
 
 class CTCUnitStream:
-    """Incremental CTC decoding: only the new token's upsampled positions run, against a KV cache."""
+    """Incremental CTC decoding: only the new token's upsampled positions run, against a KV cache.
 
-    def __init__(self, generator: CTCSpeechGenerator) -> None:
+    `token_embeddings` (the LLM's input embedding table) is given when the decoder reads the chosen
+    token's embedding beside the hidden state that chose it.
+    """
+
+    def __init__(self, generator: CTCSpeechGenerator, token_embeddings: nn.Embedding | None = None) -> None:
         self.generator = generator
+        self.token_embeddings = token_embeddings
         self.cache = DecoderCache()
         self.last_frame: int | None = None
         self.frames: list[int] = []
 
     def push(self, hidden: torch.Tensor, token_id: int, text: str) -> list[int]:
-        return self.push_many([self], hidden.view(1, -1))[0]
+        return self.push_many([self], hidden.view(1, -1), [token_id])[0]
 
     @staticmethod
     @torch.inference_mode()
-    def push_many(streams: list["CTCUnitStream"], hidden: torch.Tensor) -> list[list[int]]:
-        """One new hidden state (row of `hidden`) per stream, decoded in one batched pass."""
-        generator = streams[0].generator
+    def push_many(streams: list["CTCUnitStream"], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
+        """One new hidden state (row of `hidden`) and the token it chose per stream, decoded in one pass."""
+        generator, embeddings = streams[0].generator, streams[0].token_embeddings
+        if embeddings is not None:
+            chosen = embeddings(torch.tensor(tokens, device=hidden.device)).to(hidden.dtype)
+            hidden = torch.cat([hidden, chosen], dim=-1)
         logits = generator(hidden.unsqueeze(1), [stream.cache for stream in streams])
         return [stream._collapse(frames) for stream, frames in zip(streams, logits.argmax(dim=-1).tolist())]
 
@@ -88,7 +97,8 @@ def push_units(streams: list[UnitStream], hidden: torch.Tensor, tokens: list[int
             results[row] = stream.push(hidden[row], tokens[row], texts[row])
     for rows in batches.values():
         selected = hidden[rows[0] : rows[0] + 1] if len(rows) == 1 else hidden[rows]
-        for row, units in zip(rows, CTCUnitStream.push_many([streams[r] for r in rows], selected)):
+        chosen = [tokens[r] for r in rows]
+        for row, units in zip(rows, CTCUnitStream.push_many([streams[r] for r in rows], selected, chosen)):
             results[row] = units
     return results
 
