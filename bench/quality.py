@@ -10,10 +10,15 @@ stream, vocoder), and compared with:
 - latency: time from the request to its first audio chunk, in-process through the engine, and
   with `--stack` also through the full stack (`omni-serve launch`: controller + one CPU worker,
   HTTP streaming), where the worker's own peak RSS is read too;
-- memory: peak RSS of this process (model, engine and benchmark together).
+- memory: peak RSS of this process (models, engine and benchmark together, a high-water mark over
+  the generators measured so far; `--stack` reads one worker's own).
+Both unit generators are measured on the same questions and voices, side by side: (a) espeak-ng
+phonemes of the streamed text (the default) and (b) the trained CTC speech decoder (built with
+`omni-serve build-default --unit-generator learned`). Their LLM and front end are the same, so
+understanding should agree; speech and latency are what differ.
 Every figure is printed as measured over the whole set; nothing is selected.
 
-    python bench/quality.py [--quick] [--stack] [--json OUT.json] [--model-path DIR]
+    python bench/quality.py [--quick] [--json] [--stack] [--samples OUT.json] [--generators espeak_text,learned]
 """
 
 from __future__ import annotations
@@ -184,16 +189,28 @@ def spoken_answer(engine: Engine, audio: np.ndarray, max_new_tokens: int) -> tup
     return final, (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32))
 
 
-def evaluate(model_path: Path, questions: list[tuple[str, str]], voices: list[Voice], max_new_tokens: int) -> dict:
+@dataclass
+class SharedResults:
+    """What does not depend on the unit generator, computed once for all of them."""
+
+    typed: dict[str, str] = field(default_factory=dict)  # question -> typed answer
+    direct_errors: dict[str, int] = field(default_factory=dict)  # answer text -> word errors of espeak reading it
+
+
+def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voices: list[Voice],
+             max_new_tokens: int, shared: SharedResults) -> dict:
     model = load_model(model_path, device="cpu")
     front_end = model.front_end
     settings = model.config.extras.get("espeak", {})
     engine = Engine(model, max_batch_size=1)
     engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
     samples: list[Sample] = []
-    direct_cache: dict[str, int] = {}
+    direct_cache = shared.direct_errors
     try:
-        typed = {q: typed_answer(model, q, max_new_tokens) for q, _ in questions}
+        typed = shared.typed
+        for question, _ in questions:
+            if question not in typed:
+                typed[question] = typed_answer(model, question, max_new_tokens)
         for voice in voices:
             for question, key in questions:
                 audio = espeak(question, voice.name, voice.speed)
@@ -216,14 +233,14 @@ def evaluate(model_path: Path, questions: list[tuple[str, str]], voices: list[Vo
                     direct_cache[final.text] = edit_distance(reference, words(front_end.transcribe(direct)))
                 sample.direct_errors = direct_cache[final.text]
                 samples.append(sample)
-                print(f"[{len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
+                print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
     finally:
         engine.close()
-    return summarize(samples)
+    return summarize(samples, label)
 
 
-def summarize(samples: list[Sample]) -> dict:
+def summarize(samples: list[Sample], label: str) -> dict:
     n = len(samples)
     total_words = sum(s.answer_words for s in samples) or 1
     first_audio = sorted(s.first_audio_s for s in samples if s.first_audio_s is not None)
@@ -232,7 +249,7 @@ def summarize(samples: list[Sample]) -> dict:
     question_wer = sum(edit_distance(words(s.question), words(s.question_transcript)) for s in samples) / \
         max(1, sum(len(words(s.question)) for s in samples))
     return {
-        "generator": "espeak_text (a)",
+        "generator": label,
         "utterances": n,
         "understanding": {
             "exact_match": sum(s.exact for s in samples) / n,
@@ -320,63 +337,79 @@ def stack_latency(model_path: Path, questions: list[tuple[str, str]], voice: Voi
             "where": "omni-serve launch --cpu-workers 1, HTTP stream, requests one at a time"}
 
 
-def print_table(report: dict) -> None:
+def report_rows(report: dict) -> list[tuple[str, str]]:
+    """(figure, value) of one generator's report, in print order."""
     u, s, lat = report["understanding"], report["speech"], report["latency"]
     rows = [
         ("utterances", f"{report['utterances']}"),
-        ("answer == typed answer", f"{u['exact_match']:.0%}  (target >= 50%)"),
-        ("ROUGE-L F1 >= 0.5 vs typed", f"{u['rouge_l_ge_0_5']:.0%}  (target >= 80%)"),
+        ("answer == typed answer (>= 50%)", f"{u['exact_match']:.0%}"),
+        ("ROUGE-L F1 >= 0.5 vs typed (>= 80%)", f"{u['rouge_l_ge_0_5']:.0%}"),
         ("ROUGE-L F1 mean", f"{u['rouge_l_mean']:.2f}"),
         ("key word in spoken / typed answer", f"{u['key_word_in_spoken_answer']:.0%} / {u['key_word_in_typed_answer']:.0%}"),
         ("question transcript WER", f"{u['question_transcript_wer']:.1%}"),
         ("WER spoken answer", f"{s['wer_spoken_answer']:.1%}"),
         ("WER espeak reading the text", f"{s['wer_espeak_direct']:.1%}"),
-        ("WER gap (points)", f"{s['wer_gap_points']:+.1f}  (target <= +10)"),
-        ("first audio median / p90 / max", f"{lat['first_audio_s_median']:.2f} / {lat['first_audio_s_p90']:.2f} / "
-                                           f"{lat['first_audio_s_max']:.2f} s  (target <= 1.5 s; {lat['where']})"),
-        ("peak RSS (whole process)", f"{report['memory']['peak_rss_gb']:.2f} GB  (target <= 2 GB)"),
+        ("WER gap, points (<= +10)", f"{s['wer_gap_points']:+.1f}"),
+        ("first audio median / p90 / max, s (<= 1.5)", f"{lat['first_audio_s_median']:.2f} / "
+                                                        f"{lat['first_audio_s_p90']:.2f} / {lat['first_audio_s_max']:.2f}"),
+        ("peak RSS of this process so far, GB", f"{report['memory']['peak_rss_gb']:.2f}"),
         ("load average (1 min) at the end", f"{report['load_average_1m']:.1f} on {os.cpu_count()} cores"),
     ]
     if "stack" in report:
         stack = report["stack"]
-        rows += [("full stack first audio median / max", f"{stack['first_audio_s_median']:.2f} / "
-                  f"{stack['first_audio_s_max']:.2f} s over {stack['requests']} requests  ({stack['where']})"),
-                 ("full stack worker peak RSS", f"{stack['worker_peak_rss_gb']:.2f} GB  (target <= 2 GB)")]
-    width = max(len(name) for name, _ in rows)
-    print(f"omni-smol quality, unit generator {report['generator']}")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+        rows += [(f"full stack first audio median / max, s ({stack['requests']} requests)",
+                  f"{stack['first_audio_s_median']:.2f} / {stack['first_audio_s_max']:.2f}"),
+                 ("full stack worker peak RSS, GB (<= 2)", f"{stack['worker_peak_rss_gb']:.2f}")]
+    return rows
+
+
+def print_table(reports: dict[str, dict]) -> None:
+    """One column per unit generator."""
+    columns = {label: dict(report_rows(report)) for label, report in reports.items()}
+    names = [name for name, _ in report_rows(next(iter(reports.values())))]
+    width = max(len(name) for name in names)
+    widths = {label: max(len(label), *(len(v) for v in column.values())) for label, column in columns.items()}
+    where = next(iter(reports.values()))["latency"]["where"]
+    print(f"omni-smol quality by unit generator (targets in brackets; latency: {where})")
+    print(f"  {'':<{width}}  " + "  ".join(f"{label:<{widths[label]}}" for label in columns))
+    for name in names:
+        print(f"  {name:<{width}}  " + "  ".join(f"{columns[label].get(name, '-'):<{widths[label]}}" for label in columns))
 
 
 def main() -> int:
+    from omni_serve.default.build import GENERATORS, build_default
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_QUESTIONS} questions, one voice")
-    parser.add_argument("--json", type=Path, help="also write the full report (every sample) here")
-    parser.add_argument("--model-path", type=Path, help="model folder (default: build or reuse omni-smol)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures instead of tables")
+    parser.add_argument("--samples", type=Path, help="also write every sample (question, transcripts, answers) here")
+    parser.add_argument("--generators", default=",".join(GENERATORS),
+                        help=f"unit generators to compare, comma-separated (default: {','.join(GENERATORS)})")
+    parser.add_argument("--model-path", type=Path, help="one model folder to measure instead of the built generators")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--stack", action="store_true", help="also measure latency and worker RSS over HTTP")
-    parser.add_argument("--stack-only", action="store_true", help="measure only the full stack's latency and RSS")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    if args.model_path is None:
-        from omni_serve.default import build_default
-
-        args.model_path = build_default()
+    if args.model_path is not None:
+        folders = {args.model_path.name: args.model_path}
+    else:
+        folders = {label: build_default(generator=label, progress=not args.json)
+                   for label in args.generators.split(",")}
     questions = QUESTIONS[:QUICK_QUESTIONS] if args.quick else QUESTIONS
     voices = VOICES[:1] if args.quick else VOICES
-    began = time.perf_counter()
-    if args.stack_only:
-        report = {"stack": stack_latency(args.model_path, questions, voices[0], args.max_new_tokens),
-                  "load_average_1m": os.getloadavg()[0]}
-        print(json.dumps(report, indent=1))
-    else:
-        report = evaluate(args.model_path, questions, voices, args.max_new_tokens)
+    began, shared = time.perf_counter(), SharedResults()
+    reports = {}
+    for label, folder in folders.items():
+        reports[label] = evaluate(folder, label, questions, voices, args.max_new_tokens, shared)
         if args.stack:
-            report["stack"] = stack_latency(args.model_path, questions, voices[0], args.max_new_tokens)
-        print_table(report)
-    report["wall_s"] = time.perf_counter() - began
+            reports[label]["stack"] = stack_latency(folder, questions, voices[0], args.max_new_tokens)
+    if args.samples:
+        args.samples.write_text(json.dumps(reports, indent=1))
+    figures = {label: {k: v for k, v in report.items() if k != "samples"} for label, report in reports.items()}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        print(json.dumps({"bench": "quality", "generators": figures, "wall_s": time.perf_counter() - began}))
+    else:
+        print_table(reports)
     return 0
 
 

@@ -133,3 +133,23 @@ def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
 
 def test_edit_distance():
     assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2 and edit_distance([7], [7]) == 0
+
+
+def test_training_questions_share_nothing_with_the_held_out_questions(monkeypatch):
+    """The quality benchmark's questions (and their key words) are never in (b)'s training answers."""
+    import importlib.util
+    import re
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("quality_bench", folder / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    from omni_serve.default.ctc_data import QUESTIONS
+
+    words = {question: set(re.findall(r"[a-z]+", question.lower())) for question in QUESTIONS}
+    for held_out, key in bench.QUESTIONS:
+        assert held_out not in QUESTIONS
+        assert not [q for q, w in words.items() if key in w], f"key word {key!r} of {held_out!r} is in training"

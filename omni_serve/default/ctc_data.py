@@ -35,24 +35,24 @@ log = logging.getLogger(__name__)
 
 TEXT_PROMPT = "Please say something."  # the user turn that a plain text answers (teacher forcing)
 HELDOUT_MODULUS = 10  # a sample is held out when the crc32 of its text is 0 modulo this: stable across runs
-# Questions for the LLM's own greedy answers: everyday topics, like the questions users speak.
+# Questions for the LLM's own greedy answers: everyday topics, like the questions users speak. None shares a
+# question or its topic with bench/quality.py's held-out questions (a test checks).
 QUESTIONS = (
-    "What is the capital of France?", "How do plants make food?", "Why is the sky blue?",
-    "What is a good breakfast?", "How do I boil an egg?", "Tell me a fun fact about cats.",
-    "What causes rain?", "How far is the moon?", "What is the tallest mountain?", "How do airplanes fly?",
-    "What is photosynthesis?", "Give me a tip for better sleep.", "What is a black hole?",
-    "How do I learn to swim?", "Who wrote Romeo and Juliet?", "What is the largest ocean?",
-    "How does a rainbow form?", "What should I pack for a beach trip?", "Why do leaves change color?",
-    "What is the speed of light?", "How do bees make honey?", "What is a healthy snack?",
-    "How can I save money?", "What is the boiling point of water?", "Tell me about the Roman Empire.",
-    "How do vaccines work?", "What is gravity?", "How many continents are there?", "What is a volcano?",
-    "How do I make a cup of tea?", "What are clouds made of?", "Why do we dream?",
-    "What is the difference between weather and climate?", "How do fish breathe?", "What is an atom?",
+    "What is the capital of France?", "How do I boil an egg?", "Tell me a fun fact about cats.",
+    "What causes thunder?", "How far away are the stars?", "What is the tallest mountain?",
+    "How do airplanes stay in the air?", "What is a black hole?", "How do I learn to ride a bike?",
+    "Who was Albert Einstein?", "What should I pack for a camping trip?", "What is the speed of sound?",
+    "What is a healthy breakfast?", "How can I save money?", "Tell me about the Roman Empire.",
+    "How do vaccines work?", "What is gravity?", "How do I make a cup of tea?", "What are clouds made of?",
+    "Why do we dream?", "What is the difference between weather and climate?", "What is an atom?",
     "Suggest a name for a dog.", "How do I stay focused while studying?", "What is the Great Wall of China?",
-    "Why is exercise good for you?", "What is the water cycle?", "How do magnets work?",
-    "What is the longest river in the world?", "Describe a sunset.", "How do I plant a tree?",
-    "What is democracy?", "What do pandas eat?", "How does the heart work?", "What is electricity?",
-    "Tell me a short story about a robot.", "What is the meaning of kindness?",
+    "How do magnets work?", "Describe a sunset.", "How do I plant a tree?", "What is democracy?",
+    "What do pandas eat?", "How does the heart work?", "What is electricity?",
+    "Tell me a short story about a robot.", "What is the meaning of kindness?", "How do trains work?",
+    "What is a good hobby?", "Why do people laugh?", "How is bread made?", "What is the internet?",
+    "How do I tie a shoe?", "What is a desert?", "Why do cats purr?", "What is chess?",
+    "How do I write a good letter?", "What is a museum?", "Why is reading important?",
+    "How do submarines dive?", "What is a comet?", "How do I clean a window?", "What is jazz?",
 )
 # Standard-library modules whose docstrings are plain English prose (an offline text source).
 DOC_MODULES = (

@@ -109,9 +109,10 @@ def build_front_end(config: OmniConfig, network: OmniSpeechLlama, tokenizer: Pre
                     dtype: torch.dtype) -> SpeechFrontEnd:
     whisper_path = resolve_speech_encoder(config.speech_encoder, model_dir, speech_encoder)
     if config.front_end == "transcription":
-        from omni_serve.model.transcription import TranscriptionFrontEnd
+        from omni_serve.model.transcription import TranscriptionFrontEnd, TranscriptionOptions
 
-        return TranscriptionFrontEnd.load(whisper_path, network, tokenizer, device)
+        return TranscriptionFrontEnd.load(whisper_path, network, tokenizer, device,
+                                          TranscriptionOptions.from_extras(config.extras))
     encoder, dims = load_audio_encoder(whisper_path)
     return EncoderAdaptorFrontEnd(encoder.to(device=device, dtype=dtype), network.model.speech_projector, dims.n_mels)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,10 +24,21 @@ from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_win
 
 @dataclass(frozen=True)
 class TranscriptionOptions:
-    """Greedy, English, no timestamps: the cheapest Whisper decoding, deterministic."""
+    """English, no timestamps, deterministic; greedy unless `beam_size` is set.
+
+    A model's config.json sets them in `omni_serve.transcription` (omni-smol asks for beam 5: more
+    exact transcripts, so more answers equal to the typed question's, at some first-audio cost).
+    """
 
     language: str = "en"
     without_timestamps: bool = True
+    beam_size: int | None = None
+
+    @classmethod
+    def from_extras(cls, extras: dict[str, Any]) -> TranscriptionOptions:
+        settings = extras.get("transcription", {})
+        beam = settings.get("beam_size")
+        return cls(language=settings.get("language", "en"), beam_size=int(beam) if beam and beam > 1 else None)
 
 
 class TranscriptionFrontEnd:
@@ -41,20 +53,20 @@ class TranscriptionFrontEnd:
 
     @classmethod
     def load(cls, whisper_path: Path, network: nn.Module, tokenizer: PreTrainedTokenizerBase,
-             device: torch.device) -> TranscriptionFrontEnd:
+             device: torch.device, options: TranscriptionOptions = TranscriptionOptions()) -> TranscriptionFrontEnd:
         """Whisper in fp32 on CPU (fp16 kernels are slow there), in the checkpoint's fp16 on CUDA."""
         dims, state = load_whisper_checkpoint(whisper_path)
         model = Whisper(dims)
         model.load_state_dict(state, strict=True)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        return cls(model.to(device=device, dtype=dtype).eval(), network.model.embed_tokens, tokenizer)
+        return cls(model.to(device=device, dtype=dtype).eval(), network.model.embed_tokens, tokenizer, options)
 
     @torch.inference_mode()
     def transcribe(self, samples: np.ndarray) -> str:
         """The text of 16 kHz samples; each 30 s window is decoded on its own and the texts joined."""
         mel = log_mel_windows(samples, self.model.dims.n_mels).to(self.model.encoder.conv1.weight.device)
         fp16 = self.model.encoder.conv1.weight.dtype == torch.float16
-        options = whisper.DecodingOptions(language=self.options.language, fp16=fp16,
+        options = whisper.DecodingOptions(language=self.options.language, fp16=fp16, beam_size=self.options.beam_size,
                                           without_timestamps=self.options.without_timestamps)
         results = whisper.decode(self.model, mel, options)
         return " ".join(result.text.strip() for result in results).strip()
