@@ -13,8 +13,8 @@ Figures per stream count:
 
 Models: `fixture` (the test model: tiny, so per-row Python work dominates) and `mid` (random, LLM
 hidden 1024 x 8 layers, speech decoder (2,512,8,1408): big enough that batching matters). The
-vocoder is off for the main figures (`--vocode` turns it on) since it runs per request and its cost
-is the vocoder bench's subject.
+vocoder is off for the main figures (`--vocode` turns it on: it runs per request on the engine's
+vocoder thread, beside the decoding) since its cost is the vocoder bench's subject.
 """
 
 from __future__ import annotations

@@ -80,3 +80,41 @@ def test_vocoder_lookahead_emits_early_and_converges_to_exact(fixture_model, exp
     small, medium, large = errors.values()
     assert large <= 1e-4
     assert small > medium > large
+
+
+class _BrokenVocoder:
+    """Speaks the first chunk, then fails (a vocoder crash in the middle of an answer)."""
+
+    sample_rate = 16_000
+
+    def stream(self):
+        return self
+
+    def push(self, units: list[int], final: bool) -> np.ndarray:
+        if getattr(self, "spoke", False):
+            raise RuntimeError("vocoder crashed")
+        self.spoke = True
+        return np.zeros(160, dtype=np.float32)
+
+    def vocode(self, units: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+
+def test_vocoder_failure_ends_the_request_with_one_error_and_the_engine_goes_on(fixture_model, question_audio,
+                                                                               expected):
+    import dataclasses
+
+    from omni_serve.engine import AudioChunk, Engine, ErrorEvent, Finished, GenerationOptions, SpeechRequest
+
+    engine = Engine(dataclasses.replace(fixture_model, vocoder=_BrokenVocoder()))
+    try:
+        options = GenerationOptions(max_new_tokens=24, first_chunk_units=1, chunk_units=1)
+        events = list(engine.generate(SpeechRequest(question_audio["q1"], options)))
+        assert isinstance(events[-1], ErrorEvent) and "vocoder crashed" in events[-1].message
+        assert sum(isinstance(e, (ErrorEvent, Finished)) for e in events) == 1
+        assert any(isinstance(e, AudioChunk) for e in events)
+        text_only = list(engine.generate(SpeechRequest(question_audio["q1"], dataclasses.replace(options, vocode=False))))
+        assert isinstance(text_only[-1], Finished)
+        assert text_only[-1].token_ids == expected["omni"]["q1"]["generated_ids"]
+    finally:
+        engine.close()

@@ -2,8 +2,8 @@
 
 A scheduler thread owns the model. It prefills each new request on its own, then decodes every
 active request together, one token per step (step-level continuous batching). Each generated token
-goes to the request's unit stream (speech units) and, chunk by chunk, to its vocoder stream, and
-every result is sent to the request's consumer as an event.
+goes to the request's unit stream (speech units) and, chunk by chunk, to its vocoder stream on the
+vocoder thread, and every result is sent to the request's consumer as an event.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 
 from omni_serve.engine.batch import DecodeBatch
 from omni_serve.engine.detokenizer import Detokenizer
-from omni_serve.engine.events import AudioChunk, ErrorEvent, Event, Finished, TextDelta, Timings, UnitChunk
+from omni_serve.engine.events import ErrorEvent, Event, Finished, TextDelta, Timings, UnitChunk
 from omni_serve.engine.options import SpeechRequest
 from omni_serve.engine.prompting import PromptBuilder
 from omni_serve.engine.sampling import choose_token
 from omni_serve.engine.state import Conversation, RequestState
+from omni_serve.engine.vocoding import VocoderThread
 from omni_serve.model.audio import AudioLimits, validate_waveform
 from omni_serve.model.errors import AudioError, AudioTooLongError, ContextLengthError, OmniError
 from omni_serve.model.loader import OmniModel, load_model
@@ -59,6 +60,7 @@ class Engine:
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._vocoder = VocoderThread(model.vocoder.sample_rate) if model.vocoder else None
         self._thread = threading.Thread(target=self._run, name="omni-engine", daemon=True)
         self._thread.start()
 
@@ -137,6 +139,8 @@ class Engine:
         self._closed.set()
         self._inbox.put(None)  # wake the thread
         self._thread.join(timeout=10)
+        if self._vocoder is not None:
+            self._vocoder.close()
 
     # --- engine thread -------------------------------------------------------------------------
 
@@ -284,28 +288,30 @@ class Engine:
             state.emit(UnitChunk(units))
             state.all_units.extend(units)
             state.pending_units.extend(units)
-        threshold = options.chunk_units if state.first_audio_at else options.first_chunk_units
+        threshold = options.chunk_units if state.vocoding_started else options.first_chunk_units
         if state.vocoder is not None and (done or len(state.pending_units) >= threshold):
-            self._vocode(state, final=done)
+            self._vocoder.push(state, state.pending_units, final=done)
+            state.pending_units, state.vocoding_started = [], True
         return done
 
     def _finish(self, state: RequestState, cache: Callable[[], object] | None) -> None:
-        """Keep the conversation (when the request has one), then send the final event."""
+        """Keep the conversation (when the request has one), then send the final event after the audio."""
         if state.conversation is not None and cache is not None:
             self._remember(state, cache())
-        state.emit(Finished(text=state.detokenizer.emitted, token_ids=list(state.token_ids),
-                            units=list(state.all_units), stopped_on_eos=state.stopped_on_eos,
-                            timings=self._timings(state), conversation_id=state.request.conversation_id))
 
-    def _vocode(self, state: RequestState, final: bool) -> None:
-        began = time.perf_counter()
-        samples = state.vocoder.push(state.pending_units, final)
-        state.pending_units = []
-        state.vocoder_s += time.perf_counter() - began
-        if samples.size:
-            state.first_audio_at = state.first_audio_at or time.perf_counter()
-            state.audio_samples += samples.size
-            state.emit(AudioChunk(samples, self.model.vocoder.sample_rate))
+        def send() -> None:
+            state.emit(Finished(text=state.detokenizer.emitted, token_ids=list(state.token_ids),
+                                units=list(state.all_units), stopped_on_eos=state.stopped_on_eos,
+                                timings=self._timings(state), conversation_id=state.request.conversation_id))
+
+        self._after_audio(state, send)
+
+    def _after_audio(self, state: RequestState, action: Callable[[], None]) -> None:
+        """Run `action` after the request's queued audio (at once when it has no vocoder)."""
+        if state.vocoder is not None:
+            self._vocoder.then(state, action)
+        else:
+            action()
 
     def _timings(self, state: RequestState) -> Timings:
         end = time.perf_counter()
@@ -343,7 +349,7 @@ class Engine:
     def _fail(self, state: RequestState, error: ErrorEvent) -> None:
         if state.conversation is not None:
             state.conversation.cache = None  # the turn did not complete; history is recomputed next time
-        state.emit(error)
+        self._after_audio(state, lambda: state.emit(error))
 
 
 def _error_code(exc: OmniError) -> str:

@@ -48,6 +48,8 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     all_units: list[int] = field(default_factory=list)
     pending_units: list[int] = field(default_factory=list)
+    vocoding_started: bool = False  # a first chunk went to the vocoder: later chunks use chunk_units
+    vocoder_failed: bool = False  # set by the vocoder thread; its error was the final event
     audio_samples: int = 0
     stopped_on_eos: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
