@@ -15,12 +15,10 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from omni_serve.default.ctc_train import SHAPE_FILE, WEIGHTS_FILE
 from omni_serve.default.gguf_llama import LlamaShape
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.espeak import EspeakSettings
-
-WEIGHTS_FILE = "ctc_decoder.safetensors"
-SHAPE_FILE = "ctc_decoder.json"
 
 
 def attach_learned_decoder(folder: Path, trained: Path, llm: LlamaShape) -> dict[str, Any]:
