@@ -291,7 +291,7 @@ class Engine:
         threshold = options.chunk_units if state.vocoding_started else options.first_chunk_units
         if state.vocoder is not None and (done or len(state.pending_units) >= threshold):
             self._vocoder.push(state, state.pending_units, final=done)
-            state.pending_units, state.vocoding_started = [], True
+            state.pending_units = []
         return done
 
     def _finish(self, state: RequestState, cache: Callable[[], object] | None) -> None:

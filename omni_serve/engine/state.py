@@ -48,7 +48,6 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     all_units: list[int] = field(default_factory=list)
     pending_units: list[int] = field(default_factory=list)
-    vocoding_started: bool = False  # a first chunk went to the vocoder: later chunks use chunk_units
     vocoder_failed: bool = False  # set by the vocoder thread; its error was the final event
     audio_samples: int = 0
     stopped_on_eos: bool = False
@@ -61,3 +60,8 @@ class RequestState:
     first_audio_at: float | None = None
     last_token_at: float | None = None
     vocoder_s: float = 0.0
+
+    @property
+    def vocoding_started(self) -> bool:
+        """Some units already went to the vocoder (`pending_units` is what has not): later chunks use chunk_units."""
+        return len(self.all_units) > len(self.pending_units)
