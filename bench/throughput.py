@@ -11,8 +11,10 @@ Figures per stream count:
   and the prefills, which run one request at a time);
 - CPU ms/token: process CPU time per token (robust to other jobs on the machine).
 
-Models: `fixture` (the test model: tiny, so per-row Python work dominates) and `mid` (random, LLM
-hidden 1024 x 8 layers, speech decoder (2,512,8,1408): big enough that batching matters). The
+Models: `fixture` (the test model: tiny, so per-row Python work dominates), `mid` (random, LLM
+hidden 1024 x 8 layers, speech decoder (2,512,8,1408): big enough that batching matters), and the
+embedded default with each unit generator, `omni-smol` (espeak_text: no speech decoder) and
+`omni-smol-learned` (its trained CTC decoder): the real model a CPU user runs (`--models` picks). The
 vocoder is off for the main figures (`--vocode` turns it on: it runs per request on the engine's
 vocoder thread, beside the decoding) since its cost is the vocoder bench's subject.
 """
@@ -27,6 +29,14 @@ import time
 
 GOAL_SPEEDUP = 4.0
 STREAMS = (1, 4, 8)
+MODEL_TOKENS = {"fixture": 128, "mid": 64, "omni-smol": 64, "omni-smol-learned": 64}  # tokens per stream
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--vocode", action="store_true",
+                        help="also run the vocoder (fixture vocoder for the fixture model)")
+    parser.add_argument("--models", default="fixture,mid,omni-smol,omni-smol-learned",
+                        help=f"comma-separated, from {', '.join(MODEL_TOKENS)}")
 
 
 def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -> dict:
@@ -61,10 +71,16 @@ def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -
 
 
 def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
+    from omni_serve.default.build import GENERATORS, MODEL_NAME, build_default
     from omni_serve.engine import Engine, load_audio
 
-    folder = FIXTURE_MODEL if name == "fixture" else random_model_folder(name)
     vocoder = FIXTURE_VOCODER if name == "fixture" else None
+    if name == "fixture":
+        folder = FIXTURE_MODEL
+    elif name.startswith(MODEL_NAME):
+        folder = build_default(generator=GENERATORS[1] if name.endswith("learned") else GENERATORS[0])
+    else:
+        folder = random_model_folder(name)
     engine = Engine.from_path(folder, vocoder=vocoder, device="cpu", max_batch_size=max(STREAMS))
     no_eos(engine)
     audios = [load_audio(path) for path in QUESTIONS]
@@ -89,11 +105,13 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
 
 
 def main() -> None:
-    args = parse_args("engine throughput vs concurrent streams", lambda p: p.add_argument(
-        "--vocode", action="store_true", help="also run the vocoder (fixture vocoder for the fixture model)"))
+    args = parse_args("engine throughput vs concurrent streams", add_options)
     repeats = args.repeats or (1 if args.quick else 3)
-    plan = [("fixture", 32 if args.quick else 128), ("mid", 16 if args.quick else 64)]
-    results = [measure(name, tokens, repeats, args.vocode) for name, tokens in plan]
+    names = args.models.split(",")
+    unknown = set(names) - set(MODEL_TOKENS)
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODEL_TOKENS)}")
+    results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode) for name in names]
     if args.json:
         emit_json(dict(bench="throughput", note=machine_note(), goal_speedup_at_8=GOAL_SPEEDUP, results=results))
         return

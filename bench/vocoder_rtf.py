@@ -2,7 +2,8 @@
 
 Speed, with the published vocoder shape (512 channels, 128-dim units, random weights):
 - whole utterance: `UnitHiFiGAN.forward` (durations, then one pass over all frames);
-- streamed with chunks of 10 and 40 units: our `HiFiGANStream` (each sample computed once), and the
+- streamed as the engine does by default (a first push of 10 units, then 40 at a time), and with
+  chunks of 10 and 40 units: our `HiFiGANStream` (each sample computed once), and the
   previous approach, kept here to compare: each push re-synthesises a window with the receptive
   field of context on both sides.
 
@@ -41,16 +42,20 @@ def window_stream(model, frames: torch.Tensor, frame_ends: list[int]) -> torch.T
     return torch.cat(pieces)
 
 
-def stream_units(model, units: list[int], chunk: int, lookahead: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """Our stream fed `chunk` units at a time: joined audio and the samples out after each push."""
+def stream_units(model, units: list[int], chunk: int, lookahead: int | None = None,
+                 first: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Our stream fed `first` units (default `chunk`), then `chunk` at a time: joined audio and the
+    samples out after each push."""
     from omni_serve.model.units import HiFiGANStream
 
     stream = HiFiGANStream(model, lookahead)
-    pieces = [stream.push(units[i : i + chunk], final=i + chunk >= len(units)) for i in range(0, len(units), chunk)]
+    ends = list(range(first or chunk, len(units), chunk)) + [len(units)]
+    pieces = [stream.push(units[start:end], final=end == len(units)) for start, end in zip([0] + ends, ends)]
     return np.concatenate(pieces), [p.size for p in pieces]
 
 
 def speed(units_count: int, repeats: int) -> dict:
+    from omni_serve.engine import GenerationOptions
     from omni_serve.model.vocoder import load_unit_hifigan
 
     model = load_unit_hifigan(published_vocoder_folder())
@@ -64,7 +69,11 @@ def speed(units_count: int, repeats: int) -> dict:
     for chunk in CHUNKS:  # frames known after each push (durations lag 2 units; close enough for cost)
         ends = np.cumsum(durations[0].tolist())
         frame_ends_by_chunk[chunk] = [int(ends[min(i + chunk, units_count) - 1]) for i in range(0, units_count, chunk)]
-    cases = {"whole utterance": lambda: model(units)}
+    defaults = GenerationOptions()
+    first, later = defaults.first_chunk_units, defaults.chunk_units
+    cases = {"whole utterance": lambda: model(units),
+             f"stream {first} units, then {later} (engine default)": lambda: stream_units(model, unit_list, later,
+                                                                                        first=first)}
     for chunk in CHUNKS:
         cases[f"stream {chunk} units (ours)"] = lambda chunk=chunk: stream_units(model, unit_list, chunk)
         cases[f"stream {chunk} units (window recompute, before)"] = (
