@@ -122,7 +122,9 @@ def test_prompt_is_the_chat_template(smol):
 
 def test_default_loads_through_the_published_path(smol):
     assert smol.name == "omni-smol"
-    assert isinstance(smol.front_end, TranscriptionFrontEnd) and smol.front_end.options.beam_size == 5  # from config
+    assert isinstance(smol.front_end, TranscriptionFrontEnd)
+    assert smol.front_end.options.beam_size == 5 and smol.front_end.options.llm_rescoring_weight == 0.5  # config
+    assert smol.front_end.scorer is not None and smol.front_end.scorer.network is smol.network
     assert isinstance(smol.vocoder, EspeakVocoder) and smol.vocoder.sample_rate == 16_000
     assert isinstance(smol.new_unit_stream(), EspeakTextUnitStream)
     assert not hasattr(smol.network.model, "speech_projector") and not hasattr(smol.network, "speech_generator")

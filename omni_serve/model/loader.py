@@ -15,7 +15,7 @@ from omni_serve.model.config import OmniConfig
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.front_end import EncoderAdaptorFrontEnd, SpeechFrontEnd
 from omni_serve.model.omni_model import OmniSpeechLlama
-from omni_serve.model.prompt import PromptTemplate, template_from_config
+from omni_serve.model.prompt import PromptTemplate, template_from_config, tokenize_speech_prompt
 from omni_serve.model.speech_encoder import load_audio_encoder, resolve_speech_encoder
 from omni_serve.model.units import CTCUnitStream, UnitStream, UnitVocoder, build_vocoder
 
@@ -105,14 +105,16 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def build_front_end(config: OmniConfig, network: OmniSpeechLlama, tokenizer: PreTrainedTokenizerBase,
-                    model_dir: Path, speech_encoder: str | Path | None, device: torch.device,
-                    dtype: torch.dtype) -> SpeechFrontEnd:
+                    template: PromptTemplate, model_dir: Path, speech_encoder: str | Path | None,
+                    device: torch.device, dtype: torch.dtype) -> SpeechFrontEnd:
     whisper_path = resolve_speech_encoder(config.speech_encoder, model_dir, speech_encoder)
     if config.front_end == "transcription":
         from omni_serve.model.transcription import TranscriptionFrontEnd, TranscriptionOptions
 
+        # the LLM reads transcript candidates where the speech goes in a first turn
+        first_turn = tokenize_speech_prompt(tokenizer, template.opening() + template.user_turn(), first=True)
         return TranscriptionFrontEnd.load(whisper_path, network, tokenizer, device,
-                                          TranscriptionOptions.from_extras(config.extras))
+                                          TranscriptionOptions.from_extras(config.extras), first_turn)
     encoder, dims = load_audio_encoder(whisper_path)
     return EncoderAdaptorFrontEnd(encoder.to(device=device, dtype=dtype), network.model.speech_projector, dims.n_mels)
 
@@ -129,9 +131,11 @@ def load_model(model_path: str | Path, vocoder: str | Path | None = None, speech
     config = OmniConfig.from_file(model_dir / "config.json")
     network = load_network(config, model_dir, torch_device, torch_dtype)
     tokenizer = load_tokenizer(model_dir)
-    front_end = build_front_end(config, network, tokenizer, model_dir, speech_encoder, torch_device, torch_dtype)
+    template = template_from_config(config.extras)
+    front_end = build_front_end(config, network, tokenizer, template, model_dir, speech_encoder, torch_device,
+                                torch_dtype)
     vocoder_dir = Path(vocoder).expanduser() if vocoder else (model_dir / "vocoder" if (model_dir / "vocoder").is_dir() else None)
     unit_vocoder = build_vocoder(config, vocoder_dir, torch_device) if vocoder_dir or config.vocoder != "hifigan" else None
     return OmniModel(config=config, tokenizer=tokenizer, network=network, front_end=front_end,
-                     template=template_from_config(config.extras), vocoder=unit_vocoder, device=torch_device,
+                     template=template, vocoder=unit_vocoder, device=torch_device,
                      name=config.extras.get("name", model_dir.name))

@@ -17,49 +17,67 @@ import torch
 import whisper
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from whisper.decoding import DecodingTask
 from whisper.model import Whisper
 
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
+from omni_serve.model.transcript_scoring import LanguageModelRanker, TranscriptScorer
 
 
 @dataclass(frozen=True)
 class TranscriptionOptions:
     """English, no timestamps, deterministic; greedy unless `beam_size` is set.
 
-    A model's config.json sets them in `omni_serve.transcription` (omni-smol asks for beam 5: more
-    exact transcripts, so more answers equal to the typed question's, at some first-audio cost).
+    A model's config.json sets them in `omni_serve.transcription`. With a beam, `llm_rescoring_weight`
+    lets the LLM help choose among the beam's candidates (see `transcript_scoring`). omni-smol asks
+    for both: more exact transcripts, so more answers equal to the typed question's, at some
+    first-audio cost.
     """
 
     language: str = "en"
     without_timestamps: bool = True
     beam_size: int | None = None
+    llm_rescoring_weight: float | None = None
 
     @classmethod
     def from_extras(cls, extras: dict[str, Any]) -> TranscriptionOptions:
         settings = extras.get("transcription", {})
         beam = settings.get("beam_size")
-        return cls(language=settings.get("language", "en"), beam_size=int(beam) if beam and beam > 1 else None)
+        weight = settings.get("llm_rescoring_weight")
+        return cls(language=settings.get("language", "en"), beam_size=int(beam) if beam and beam > 1 else None,
+                   llm_rescoring_weight=float(weight) if weight else None)
 
 
 class TranscriptionFrontEnd:
     """Speech -> Whisper transcript -> the LLM's embeddings of the transcript's tokens."""
 
     def __init__(self, model: Whisper, embed_tokens: nn.Embedding, tokenizer: PreTrainedTokenizerBase,
-                 options: TranscriptionOptions = TranscriptionOptions()) -> None:
+                 options: TranscriptionOptions = TranscriptionOptions(), scorer: TranscriptScorer | None = None) -> None:
+        if options.llm_rescoring_weight and (scorer is None or not options.beam_size):
+            raise ValueError("LLM rescoring needs a beam (beam_size > 1) and a transcript scorer")
         self.model = model
         self.embed_tokens = embed_tokens
         self.tokenizer = tokenizer
         self.options = options
+        self.scorer = scorer
 
     @classmethod
-    def load(cls, whisper_path: Path, network: nn.Module, tokenizer: PreTrainedTokenizerBase,
-             device: torch.device, options: TranscriptionOptions = TranscriptionOptions()) -> TranscriptionFrontEnd:
-        """Whisper in fp32 on CPU (fp16 kernels are slow there), in the checkpoint's fp16 on CUDA."""
+    def load(cls, whisper_path: Path, network: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+             options: TranscriptionOptions = TranscriptionOptions(),
+             scoring_prompt_ids: list[int] | None = None) -> TranscriptionFrontEnd:
+        """Whisper in fp32 on CPU (fp16 kernels are slow there), in the checkpoint's fp16 on CUDA.
+
+        `scoring_prompt_ids` (a first-turn prompt with one speech placeholder) is where the LLM reads
+        each candidate when `options.llm_rescoring_weight` is set.
+        """
         dims, state = load_whisper_checkpoint(whisper_path)
         model = Whisper(dims)
         model.load_state_dict(state, strict=True)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        return cls(model.to(device=device, dtype=dtype).eval(), network.model.embed_tokens, tokenizer, options)
+        scorer = None
+        if options.llm_rescoring_weight and scoring_prompt_ids is not None:
+            scorer = TranscriptScorer(network, tokenizer, scoring_prompt_ids)
+        return cls(model.to(device=device, dtype=dtype).eval(), network.model.embed_tokens, tokenizer, options, scorer)
 
     @torch.inference_mode()
     def transcribe(self, samples: np.ndarray) -> str:
@@ -68,7 +86,11 @@ class TranscriptionFrontEnd:
         fp16 = self.model.encoder.conv1.weight.dtype == torch.float16
         options = whisper.DecodingOptions(language=self.options.language, fp16=fp16, beam_size=self.options.beam_size,
                                           without_timestamps=self.options.without_timestamps)
-        results = whisper.decode(self.model, mel, options)
+        task = DecodingTask(self.model, options)
+        if self.scorer is not None:
+            task.sequence_ranker = LanguageModelRanker(task.tokenizer.decode, self.scorer.log_likelihoods,
+                                                       self.options.llm_rescoring_weight)
+        results = task.run(mel)
         return " ".join(result.text.strip() for result in results).strip()
 
     @torch.inference_mode()
