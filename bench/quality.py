@@ -7,6 +7,8 @@ stream, vocoder), and compared with:
   exact match, ROUGE-L F1, and whether the question's key word appears in the answer;
 - speech: Whisper tiny.en's transcript of the spoken answer against the answer's text (WER),
   beside the WER of espeak-ng reading that text directly (same voice settings as the vocoder);
+  Whisper judges alone (the front end's beam, without its LLM rescoring, which would favour
+  fluent text);
 - latency: time from the request to its first audio chunk, in-process through the engine, and
   with `--stack` also through the full stack (`omni-serve launch`: controller + one CPU worker,
   HTTP streaming), where the worker's own peak RSS is read too;
@@ -33,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -54,6 +56,7 @@ from omni_serve.default.ctc_train import edit_distance
 from omni_serve.model.espeak import wav_samples
 from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import tokenize_speech_prompt
+from omni_serve.model.transcription import TranscriptionFrontEnd
 
 # Written for this benchmark; no training run has seen them. (question, key word)
 QUESTIONS = [
@@ -197,10 +200,17 @@ class SharedResults:
     direct_errors: dict[str, int] = field(default_factory=dict)  # answer text -> word errors of espeak reading it
 
 
+def whisper_alone(front_end: TranscriptionFrontEnd) -> TranscriptionFrontEnd:
+    """The front end's Whisper and beam without the LLM's rescoring: speech is judged by Whisper alone."""
+    return TranscriptionFrontEnd(front_end.model, front_end.embed_tokens, front_end.tokenizer,
+                                 replace(front_end.options, llm_rescoring_weight=None))
+
+
 def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voices: list[Voice],
              max_new_tokens: int, shared: SharedResults) -> dict:
     model = load_model(model_path, device="cpu")
     front_end = model.front_end
+    judge = whisper_alone(front_end)
     settings = model.config.extras.get("espeak", {})
     engine = Engine(model, max_batch_size=1)
     engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
@@ -227,10 +237,10 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                 sample.key_in_typed = key in words(sample.typed_answer)
                 reference = words(final.text)
                 sample.answer_words = len(reference)
-                sample.speech_errors = edit_distance(reference, words(front_end.transcribe(speech))) if speech.size else len(reference)
+                sample.speech_errors = edit_distance(reference, words(judge.transcribe(speech))) if speech.size else len(reference)
                 if final.text not in direct_cache:
                     direct = espeak(final.text, engine_voice, engine_speed)
-                    direct_cache[final.text] = edit_distance(reference, words(front_end.transcribe(direct)))
+                    direct_cache[final.text] = edit_distance(reference, words(judge.transcribe(direct)))
                 sample.direct_errors = direct_cache[final.text]
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "

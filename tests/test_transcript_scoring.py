@@ -1,4 +1,4 @@
-"""LLM rescoring of Whisper's beam candidates: the packed token-tree pass scores each candidate as a
+"""LLM rescoring of Whisper's beam candidates: the packed prefix-tree pass scores each candidate as a
 pass of its own would, and the ranker adds the weighted score to Whisper's as documented."""
 
 from __future__ import annotations
@@ -35,16 +35,11 @@ def separate_pass(scorer: TranscriptScorer, text: str) -> float:
     ["What is the capital of Japan?", "What is the capital of Japan.", "What is the capital of a pan?"],
     ["Where do penguins live?", "Wear two pen wins live", "Why?", "Where do penguins live?"],
     ["Hello there, how are you", "Hello there, how are you"],
+    ["a b c d", "a b x", "a y", "a b c e", "z"],
     ["One candidate only."],
 ])
-def test_scores_differ_as_separate_passes_do(scorer, texts):
-    ours = scorer.log_likelihoods(texts)
-    theirs = [separate_pass(scorer, text) for text in texts]
-    for mine, separate in zip(ours, theirs):  # the shared start is left out: equal up to one constant
-        assert mine - ours[0] == pytest.approx(separate - theirs[0], abs=1e-4)
-    first_tokens = {tuple(scorer.tokenizer(text, add_special_tokens=False).input_ids[:1]) for text in texts}
-    if len(first_tokens) > 1:  # nothing shared, so nothing left out: equal outright
-        assert ours == pytest.approx(theirs, abs=1e-4)
+def test_one_tree_pass_scores_as_separate_passes_do(scorer, texts):
+    assert scorer.log_likelihoods(texts) == pytest.approx([separate_pass(scorer, text) for text in texts], abs=1e-4)
 
 
 def test_scoring_leaves_the_prefix_cache_as_it_was(scorer):
