@@ -62,7 +62,7 @@ def test_ranker_adds_the_weighted_llm_score_to_whispers():
                   [torch.tensor([1]), torch.tensor([2, 3])]]
     whisper_scores = [[-3.0, -2.4, -4.4], [-0.5, -1.2]]
     words = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e", 6: "f", 7: "g", 8: "h", 9: "i"}
-    decode = lambda ids: " ".join(words[i] for i in ids)  # noqa: E731
+    decode = lambda ids: " ".join(words[i] for i in ids)
     llm = {"a b c": -1.0, "d e": -9.0, "f g h i": 0.0, "a": -8.0, "b c": -1.0}
     scored: list[list[str]] = []
 

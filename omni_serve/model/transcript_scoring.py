@@ -10,6 +10,7 @@ kept apart from the benchmark, exact transcripts rose from 27 to 35 of 66 with W
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -114,7 +115,7 @@ class _TokenTree:
         ends = [0]
         for path in paths:
             ends.append(ends[-1] + len(path))
-        self.spans = list(zip(ends[:-1], ends[1:]))
+        self.spans = list(pairwise(ends))
 
     def attention_mask(self, cached: int, device: torch.device) -> torch.Tensor:
         """(1, 1, inputs, cached + inputs), True where attending: the cached prefix and the input's
