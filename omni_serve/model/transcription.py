@@ -22,6 +22,7 @@ from whisper.model import Whisper
 
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
 from omni_serve.model.transcript_scoring import LanguageModelRanker, TranscriptScorer
+from omni_serve.model.whisper_inference import SharedAudioInference
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,20 @@ class TranscriptionFrontEnd:
         fp16 = self.model.encoder.conv1.weight.dtype == torch.float16
         options = whisper.DecodingOptions(language=self.options.language, fp16=fp16, beam_size=self.options.beam_size,
                                           without_timestamps=self.options.without_timestamps)
+        texts = [self._decode_window(window[None], options) for window in mel]
+        return " ".join(text for text in texts if text)
+
+    def _decode_window(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> str:
+        """One 30 s window (openai-whisper's beam search handles a single window per run)."""
         task = DecodingTask(self.model, options)
+        # Whisper's own inference copies the window's keys for every beam at every step.
+        task.inference = SharedAudioInference(self.model)
+        if options.beam_size is not None:
+            task.decoder.inference = task.inference
         if self.scorer is not None:
             task.sequence_ranker = LanguageModelRanker(task.tokenizer.decode, self.scorer.log_likelihoods,
                                                        self.options.llm_rescoring_weight)
-        results = task.run(mel)
-        return " ".join(result.text.strip() for result in results).strip()
+        return task.run(mel)[0].text.strip()
 
     @torch.inference_mode()
     def embed_text(self, text: str) -> torch.Tensor:
