@@ -22,13 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 TORCH_FIRST = "torch" in sys.modules  # too late to change the OpenMP wait policy
 if "--omp-spin" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/NAME.py` without installing
@@ -44,13 +44,13 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "omni-serve-bench"
 # Random models bigger than the fixture, for the figures where size matters. `mid` is what a CPU can
 # decode at a useful rate while batching still pays; `published` is the released decoder/vocoder shape.
 MODEL_SHAPES = {
-    "mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                num_key_value_heads=8, ctc_decoder_config="(2,512,8,1408)", speech_encoder_hidden_size=384,
-                whisper=dict(n_mels=128, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
-                             n_vocab=51866, n_text_ctx=448, n_text_state=8, n_text_head=2, n_text_layer=1),
-                vocoder=dict(upsample_initial_channel=512, embedding_dim=128)),
+    "mid": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
+                "num_key_value_heads": 8, "ctc_decoder_config": "(2,512,8,1408)", "speech_encoder_hidden_size": 384,
+                "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
+                             "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
+                "vocoder": {"upsample_initial_channel": 512, "embedding_dim": 128}},
 }
-PUBLISHED_VOCODER = dict(upsample_initial_channel=512, embedding_dim=128)
+PUBLISHED_VOCODER = {"upsample_initial_channel": 512, "embedding_dim": 128}
 
 
 def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ Caches for the per-token figures are filled with random keys and values (time do
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from _common import FIXTURE_MODEL, emit_json, machine_note, median, parse_args, print_table, timed
@@ -27,9 +28,9 @@ import torch
 
 LENGTHS = (64, 128, 256, 512)
 DECODERS = {
-    "fixture": dict(hidden=64, decoder="(2,64,4,128)"),
-    "mid": dict(hidden=1024, decoder="(2,1024,16,4096)"),
-    "published": dict(hidden=4096, decoder="(2,4096,32,11008)"),
+    "fixture": {"hidden": 64, "decoder": "(2,64,4,128)"},
+    "mid": {"hidden": 1024, "decoder": "(2,1024,16,4096)"},
+    "published": {"hidden": 4096, "decoder": "(2,4096,32,11008)"},
 }
 
 
@@ -101,7 +102,7 @@ def trapezoid(points: dict[int, float], upto: int) -> float:
     """Sum of per-step costs for steps 1..upto, linearly interpolated between measured lengths."""
     xs = sorted(n for n in points if n <= upto)
     total = 0.0
-    for a, b in zip(xs, xs[1:]):
+    for a, b in itertools.pairwise(xs):
         # steps a+1..b: interpolate linearly between the costs at a and b
         count = b - a
         total += count * (points[a] + points[b]) / 2 + (points[b] - points[a]) / 2
@@ -119,18 +120,18 @@ def measure(name: str, lengths: tuple[int, ...], repeats: int, full_upto: int, q
     for tokens in lengths:
         per_token_inc = incremental_step(generator, tokens - 1, repeats)
         inc_total = incremental_total(generator, tokens) if name != "published" else None
-        row = dict(tokens=tokens, positions_incremental=factor * tokens,
-                   positions_full=factor * tokens * (tokens + 1) // 2,
-                   per_token_incremental_ms=1e3 * per_token_inc,
-                   per_token_full_ms=1e3 * full[tokens] if tokens in full else None,
-                   total_incremental_s=inc_total,
-                   total_full_s=trapezoid(full, tokens) if tokens <= max(samples) else None)
+        row = {"tokens": tokens, "positions_incremental": factor * tokens,
+                   "positions_full": factor * tokens * (tokens + 1) // 2,
+                   "per_token_incremental_ms": 1e3 * per_token_inc,
+                   "per_token_full_ms": 1e3 * full[tokens] if tokens in full else None,
+                   "total_incremental_s": inc_total,
+                   "total_full_s": trapezoid(full, tokens) if tokens <= max(samples) else None}
         row["positions_ratio"] = row["positions_full"] / row["positions_incremental"]
         if row["total_full_s"] and inc_total:
             row["time_ratio"] = row["total_full_s"] / inc_total
         rows.append(row)
-    return dict(decoder=DECODERS[name]["decoder"], hidden=DECODERS[name]["hidden"], rows=rows,
-                full_step_ms={n: 1e3 * t for n, t in full.items()})
+    return {"decoder": DECODERS[name]["decoder"], "hidden": DECODERS[name]["hidden"], "rows": rows,
+                "full_step_ms": {n: 1e3 * t for n, t in full.items()}}
 
 
 def main() -> None:
@@ -145,12 +146,12 @@ def main() -> None:
         plan.append(("published", LENGTHS, 64))
     results = {name: measure(name, lengths, repeats, upto, args.quick) for name, lengths, upto in plan}
     at256 = {name: next((r for r in res["rows"] if r["tokens"] == 256), None) for name, res in results.items()}
-    goals = {name: dict(positions_ratio_at_256=r["positions_ratio"], time_ratio_at_256=r.get("time_ratio"),
-                        positions_goal_met=r["positions_ratio"] >= 100,
-                        time_goal_met=r["time_ratio"] >= 10 if r.get("time_ratio") else None)
+    goals = {name: {"positions_ratio_at_256": r["positions_ratio"], "time_ratio_at_256": r.get("time_ratio"),
+                        "positions_goal_met": r["positions_ratio"] >= 100,
+                        "time_goal_met": r["time_ratio"] >= 10 if r.get("time_ratio") else None}
              for name, r in at256.items() if r}
     if args.json:
-        emit_json(dict(bench="decoder_cost", note=machine_note(), repeats=repeats, results=results, goals=goals))
+        emit_json({"bench": "decoder_cost", "note": machine_note(), "repeats": repeats, "results": results, "goals": goals})
         return
     print(f"Speech decoder cost: incremental (KV cache) vs full re-run each step. {machine_note()}")
     for name, res in results.items():

@@ -60,9 +60,9 @@ def one_request(engine, audio, first_chunk_units: int, max_new_tokens: int) -> d
             break
     vocoder_s = sum(until_audio)
     first_token_s = t.first_token_s
-    return dict(first_audio_s=t.first_audio_s, encode_s=t.encode_s, prefill_s=t.prefill_s, first_token_s=first_token_s,
-                tokens_until_chunk_s=t.first_audio_s - first_token_s - vocoder_s, first_vocoder_s=vocoder_s,
-                vocoder_pushes=len(until_audio), first_chunk_audio_ms=1e3 * (first_chunk or 0.0))
+    return {"first_audio_s": t.first_audio_s, "encode_s": t.encode_s, "prefill_s": t.prefill_s, "first_token_s": first_token_s,
+                "tokens_until_chunk_s": t.first_audio_s - first_token_s - vocoder_s, "first_vocoder_s": vocoder_s,
+                "vocoder_pushes": len(until_audio), "first_chunk_audio_ms": 1e3 * (first_chunk or 0.0)}
 
 
 def measure(name: str, repeats: int, max_new_tokens: int) -> dict:
@@ -90,7 +90,7 @@ def measure(name: str, repeats: int, max_new_tokens: int) -> dict:
         row.update(first_chunk_units=chunk, lookahead_frames="exact" if ahead is None else ahead,
                    first_audio_all=[r["first_audio_s"] for r in results])
         rows.append(row)
-    return dict(model=name, repeats=repeats, rows=rows)
+    return {"model": name, "repeats": repeats, "rows": rows}
 
 
 def main() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     results = [measure(name, repeats, 24) for name in ("fixture", "mid")]
     if args.json:
-        emit_json(dict(bench="first_audio", note=machine_note(), results=results))
+        emit_json({"bench": "first_audio", "note": machine_note(), "results": results})
         return
     print(f"Time to first audio, in-process, one request at a time (ms, medians). {machine_note()}")
     for res in results:

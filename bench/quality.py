@@ -360,8 +360,8 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
         ("WER spoken answer", f"{s['wer_spoken_answer']:.1%}"),
         ("WER espeak reading the text", f"{s['wer_espeak_direct']:.1%}"),
         ("WER gap, points (<= +10)", f"{s['wer_gap_points']:+.1f}"),
-        ("first audio median / p90 / max, s (<= 1.5)", f"{lat['first_audio_s_median']:.2f} / "
-                                                        f"{lat['first_audio_s_p90']:.2f} / {lat['first_audio_s_max']:.2f}"),
+        ("first audio median / p90 / max, s (<= 1.5)", (f"{lat['first_audio_s_median']:.2f} / "
+                                                         f"{lat['first_audio_s_p90']:.2f} / {lat['first_audio_s_max']:.2f}")),
         ("peak RSS of this process so far, GB", f"{report['memory']['peak_rss_gb']:.2f}"),
         ("load average (1 min) at the end", f"{report['load_average_1m']:.1f} on {os.cpu_count()} cores"),
     ]

@@ -66,8 +66,8 @@ def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -
     decode_start = max(submitted + f.timings.first_token_s for submitted, f in finished)
     tokens = sum(f.num_tokens for _, f in finished)
     assert all(f.num_tokens == max_new_tokens for _, f in finished), "a request stopped early"
-    return dict(decode_tps=(tokens - streams) / (max(ends) - decode_start), e2e_tps=tokens / (max(ends) - began),
-                cpu_ms_per_token=1e3 * cpu / tokens)
+    return {"decode_tps": (tokens - streams) / (max(ends) - decode_start), "e2e_tps": tokens / (max(ends) - began),
+                "cpu_ms_per_token": 1e3 * cpu / tokens}
 
 
 def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
@@ -101,8 +101,8 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
     for streams in STREAMS:
         rows[streams]["decode_speedup"] = rows[streams]["decode_tps"] / base["decode_tps"]
         rows[streams]["e2e_speedup"] = rows[streams]["e2e_tps"] / base["e2e_tps"]
-    return dict(model=name, max_new_tokens=max_new_tokens, vocode=vocode, repeats=repeats, streams=rows,
-                goal_met=rows[8]["decode_speedup"] >= GOAL_SPEEDUP)
+    return {"model": name, "max_new_tokens": max_new_tokens, "vocode": vocode, "repeats": repeats, "streams": rows,
+                "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODEL_TOKENS)}")
     results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode) for name in names]
     if args.json:
-        emit_json(dict(bench="throughput", note=machine_note(), goal_speedup_at_8=GOAL_SPEEDUP, results=results))
+        emit_json({"bench": "throughput", "note": machine_note(), "goal_speedup_at_8": GOAL_SPEEDUP, "results": results})
         return
     print(f"Engine throughput, all streams submitted at once, EOS ignored. {machine_note()}")
     for res in results:

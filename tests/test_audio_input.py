@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import FIXTURES
+
 from omni_serve.engine import AudioError, AudioLimits, AudioTooLongError, load_audio, prepare_waveform
 from omni_serve.model.speech_encoder import log_mel_windows
 

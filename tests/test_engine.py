@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURES
+
 from omni_serve.engine import AudioChunk, ErrorEvent, Finished, GenerationOptions, SpeechRequest, TextDelta
 from omni_serve.engine.detokenizer import Detokenizer
 from omni_serve.model.units import HiFiGANStream
@@ -213,6 +213,7 @@ def test_history_and_typed_text_requests(engine, question_audio):
 def test_half_precision_path_runs_end_to_end(dtype, question_audio, expected):
     """The CUDA dtypes, exercised on CPU: every module must accept half inputs (no GPU in CI)."""
     from conftest import MODEL_DIR, VOCODER_DIR
+
     from omni_serve.engine import Engine
 
     engine = Engine.from_path(MODEL_DIR, vocoder=VOCODER_DIR, device="cpu", dtype=dtype)

@@ -6,8 +6,8 @@ import copy
 
 import numpy as np
 import torch
-
 from conftest import FIXTURES
+
 from omni_serve.engine.batch import GrowingLayer
 from omni_serve.model.ctc_generator import DecoderCache
 from omni_serve.model.units import HiFiGANStream

@@ -9,10 +9,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile
-
-from conftest import FIXTURES, MODEL_DIR, VOCODER_DIR
-from omni_serve.engine import AudioChunk, Engine, Finished, GenerationOptions, SpeechRequest, TextDelta, load_audio
+from conftest import MODEL_DIR, VOCODER_DIR
 from serve_helpers import MODEL_NAME, Q1_WAV, Q2_WAV, Stack, controller_process
+
+from omni_serve.engine import AudioChunk, Engine, GenerationOptions, SpeechRequest, TextDelta, load_audio
 
 TOKEN = "openai-test-key"
 PCM_STEP = 1 / 32768

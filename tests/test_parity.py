@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURES, QUESTIONS
+
 from omni_serve.engine import AudioChunk, Finished, GenerationOptions, SpeechRequest, UnitChunk
 from omni_serve.model.ctc_generator import ctc_collapse
 from omni_serve.model.prompt import tokenize_speech_prompt

@@ -24,7 +24,13 @@ from serve_helpers import PRE_EXEC, Q2_WAV
 
 from omni_serve.serve.client import ServeClient, collect, request_from_file
 from omni_serve.serve.launcher import (
-    MAX_WORKER_RESTARTS, Child, LaunchPlan, Stack, build_children, resolve_devices, supervise,
+    MAX_WORKER_RESTARTS,
+    Child,
+    LaunchPlan,
+    Stack,
+    build_children,
+    resolve_devices,
+    supervise,
 )
 from omni_serve.serve.protocol import FinalEvent
 

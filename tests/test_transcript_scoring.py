@@ -10,7 +10,7 @@ from whisper.decoding import MaximumLikelihoodRanker
 from omni_serve.model.config import SPEECH_PLACEHOLDER_ID
 from omni_serve.model.prompt import tokenize_speech_prompt
 from omni_serve.model.transcript_scoring import LanguageModelRanker, TranscriptScorer
-from omni_serve.model.transcription import TranscriptionFrontEnd, TranscriptionOptions
+from omni_serve.model.transcription import TranscriptionFrontEnd, TranscriptionOptions, as_typed
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,16 @@ def test_rescoring_needs_a_beam_and_a_scorer(scorer):
         TranscriptionFrontEnd(None, None, None, TranscriptionOptions(llm_rescoring_weight=0.5), scorer)
     with pytest.raises(ValueError, match="needs a beam"):
         TranscriptionFrontEnd(None, None, None, options, None)
+
+
+@pytest.mark.parametrize(("heard", "typed"), [
+    ("what is the main language spoken in Brazil", "What is the main language spoken in Brazil?"),
+    ("  how many days are in a week?", "How many days are in a week?"),
+    ("Doesn't it rain in April", "Doesn't it rain in April?"),
+    ("tell me a fact about elephants", "Tell me a fact about elephants."),
+    ("who invented the telephone.", "Who invented the telephone."),  # a mark Whisper wrote stays
+    ("Wow!", "Wow!"),
+    ("", ""),
+])
+def test_transcripts_are_passed_on_as_typed(heard, typed):
+    assert as_typed(heard) == typed

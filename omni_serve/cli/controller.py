@@ -11,7 +11,13 @@ import argparse
 import logging
 
 from omni_serve.serve.settings import (
-    DEFAULT_CONTROLLER_PORT, HEARTBEAT_EXPIRY_S, LOOPBACK, LOOPBACK_HOSTS, TOKEN_ENV, ControllerSettings, resolve_token,
+    DEFAULT_CONTROLLER_PORT,
+    HEARTBEAT_EXPIRY_S,
+    LOOPBACK,
+    LOOPBACK_HOSTS,
+    TOKEN_ENV,
+    ControllerSettings,
+    resolve_token,
 )
 
 HELP = "run the controller that registers workers and dispatches requests to them"

@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from omni_serve.engine import AudioChunk, Engine, ErrorEvent, Finished, GenerationOptions, OmniError, SpeechRequest, load_audio
+from omni_serve.engine import (
+    AudioChunk,
+    Engine,
+    ErrorEvent,
+    Finished,
+    GenerationOptions,
+    OmniError,
+    SpeechRequest,
+    load_audio,
+)
 
 HELP = "answer audio files offline and write text, units and speech"
 

@@ -12,7 +12,13 @@ import logging
 import sys
 
 from omni_serve.serve.settings import (
-    DEFAULT_CONTROLLER_PORT, DEFAULT_WORKER_PORT, HEARTBEAT_INTERVAL_S, LOOPBACK, TOKEN_ENV, MiB, WorkerSettings,
+    DEFAULT_CONTROLLER_PORT,
+    DEFAULT_WORKER_PORT,
+    HEARTBEAT_INTERVAL_S,
+    LOOPBACK,
+    TOKEN_ENV,
+    MiB,
+    WorkerSettings,
     resolve_token,
 )
 

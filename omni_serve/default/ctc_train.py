@@ -11,12 +11,11 @@ json of its shape.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-
 import json
 import logging
 import math
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 

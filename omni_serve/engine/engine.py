@@ -14,8 +14,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class Engine:
     @classmethod
     def from_path(cls, model_path: str | Path, vocoder: str | Path | None = None,
                   speech_encoder: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                  **engine_options) -> "Engine":
+                  **engine_options) -> Engine:
         return cls(load_model(model_path, vocoder, speech_encoder, device, dtype), **engine_options)
 
     @property

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from omni_serve.engine.events import AudioChunk, ErrorEvent
 from omni_serve.engine.state import RequestState

@@ -30,7 +30,7 @@ class CTCDecoderDims:
     ffn: int
 
     @classmethod
-    def parse(cls, text: str) -> "CTCDecoderDims":
+    def parse(cls, text: str) -> CTCDecoderDims:
         numbers = [int(n) for n in re.findall(r"\d+", text)]
         if len(numbers) != 4:
             raise CheckpointError(f"ctc_decoder_config must hold 4 integers, got {text!r}")
@@ -60,7 +60,7 @@ class OmniConfig:
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_file(cls, path: Path) -> "OmniConfig":
+    def from_file(cls, path: Path) -> OmniConfig:
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError as exc:
@@ -68,7 +68,7 @@ class OmniConfig:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "OmniConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> OmniConfig:
         llm_fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
         llm = LlamaConfig(**llm_fields)
         eos = raw.get("eos_token_id")

@@ -67,7 +67,7 @@ def read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) 
     tensors = {}
     for name in files:
         with safe_open(model_dir / name, framework="pt", device=str(device)) as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if key.startswith(IGNORED_PREFIXES):
                     continue
                 value = handle.get_tensor(key)

@@ -67,7 +67,7 @@ class CTCUnitStream:
 
     @staticmethod
     @torch.inference_mode()
-    def push_many(streams: list["CTCUnitStream"], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
+    def push_many(streams: list[CTCUnitStream], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
         """One new hidden state (row of `hidden`) and the token it chose per stream, decoded in one pass."""
         generator, embeddings = streams[0].generator, streams[0].token_embeddings
         if embeddings is not None:

@@ -41,7 +41,7 @@ class VocoderConfig:
     sampling_rate: int
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "VocoderConfig":
+    def from_dict(cls, raw: dict) -> VocoderConfig:
         if raw.get("f0") or raw.get("multispkr"):
             raise CheckpointError("vocoders with f0 or speaker inputs are not supported")
         duration = raw.get("dur_predictor_params")
@@ -159,7 +159,7 @@ class UnitHiFiGAN(nn.Module):
         durations = self.durations(units) if use_durations else None
         return self.synthesize(self.frames(units, durations))
 
-    def synthesis_stream(self) -> "SynthesisStream":
+    def synthesis_stream(self) -> SynthesisStream:
         """Incremental, exact `synthesize`: push frames, get every sample they already determine."""
         return SynthesisStream(self)
 
@@ -205,7 +205,7 @@ class SynthesisStream:
             x = stage(x, final)
         return torch.tanh_(self.post(x, final, FINAL_SLOPE)).view(-1)
 
-    def clone(self) -> "SynthesisStream":
+    def clone(self) -> SynthesisStream:
         """An independent copy of the state (to flush speculatively without disturbing this one)."""
         twin = copy.copy(self)
         twin.pre, twin.post = self.pre.clone(), self.post.clone()
@@ -245,7 +245,7 @@ class _StreamConv:
             return x.new_zeros(1, conv.out_channels, 0)
         return F.conv1d(window, conv.weight, conv.bias, dilation=conv.dilation)
 
-    def clone(self) -> "_StreamConv":
+    def clone(self) -> _StreamConv:
         return copy.copy(self)  # tensors are replaced, never written in place
 
 
@@ -279,7 +279,7 @@ class _StreamUpsample:
         self.first, self.emitted = keep_from, end
         return out
 
-    def clone(self) -> "_StreamUpsample":
+    def clone(self) -> _StreamUpsample:
         return copy.copy(self)
 
 
@@ -300,7 +300,7 @@ class _StreamResBlock:
             x = y
         return x
 
-    def clone(self) -> "_StreamResBlock":
+    def clone(self) -> _StreamResBlock:
         twin = copy.copy(self)
         twin.convs = [(dilated.clone(), plain.clone()) for dilated, plain in self.convs]
         twin.skips = list(self.skips)
@@ -328,7 +328,7 @@ class _StreamStage:
             total += y[:, :, :ready]
         return total.div_(len(outputs))
 
-    def clone(self) -> "_StreamStage":
+    def clone(self) -> _StreamStage:
         twin = copy.copy(self)
         twin.up = self.up.clone()
         twin.blocks = [block.clone() for block in self.blocks]

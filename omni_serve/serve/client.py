@@ -18,18 +18,28 @@ Needs no torch: numpy, httpx and pydantic only, so the web and gateway processes
 from __future__ import annotations
 
 import base64
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+from typing_extensions import Self
 
 from omni_serve.model.audio import pcm16_to_float  # numpy only: no torch in clients
 from omni_serve.serve.protocol import (
-    AudioEvent, ErrorBody, ErrorEvent, FinalEvent, GenerateRequest, ListModelsResponse, StreamEvent,
-    WorkerAddressRequest, WorkerAddressResponse, WorkerFailureReport, parse_event,
+    AudioEvent,
+    ErrorBody,
+    ErrorEvent,
+    FinalEvent,
+    GenerateRequest,
+    ListModelsResponse,
+    StreamEvent,
+    WorkerAddressRequest,
+    WorkerAddressResponse,
+    WorkerFailureReport,
+    parse_event,
 )
 from omni_serve.serve.security import auth_headers
 
@@ -52,7 +62,7 @@ class ServeClient:
         self.http = http or httpx.AsyncClient(timeout=timeout, trust_env=False)
         self._default_model: str | None = None  # for requests naming no model; saves a round trip each
 
-    async def __aenter__(self) -> ServeClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

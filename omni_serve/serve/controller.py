@@ -26,13 +26,28 @@ from omni_serve.serve.client import ServeClient
 from omni_serve.serve.metrics import ControllerMetrics, metrics_response
 from omni_serve.serve.openai_api import ChatBackend, create_openai_router
 from omni_serve.serve.protocol import (
-    HealthResponse, HeartbeatRequest, HeartbeatResponse, ListModelsResponse, ListWorkersResponse, ReadyResponse,
-    RegisterWorkerRequest, RegisterWorkerResponse, WorkerAddressRequest, WorkerAddressResponse, WorkerEntry,
-    WorkerFailureReport, WorkerFailureResponse, WorkerStatus,
+    HealthResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    ListModelsResponse,
+    ListWorkersResponse,
+    ReadyResponse,
+    RegisterWorkerRequest,
+    RegisterWorkerResponse,
+    WorkerAddressRequest,
+    WorkerAddressResponse,
+    WorkerEntry,
+    WorkerFailureReport,
+    WorkerFailureResponse,
+    WorkerStatus,
 )
 from omni_serve.serve.registry import WorkerInfo, WorkerRegistry
 from omni_serve.serve.security import (
-    AddressRefused, check_worker_address, error_response, install_guards, token_refusal,
+    AddressRefused,
+    check_worker_address,
+    error_response,
+    install_guards,
+    token_refusal,
 )
 from omni_serve.serve.settings import ControllerSettings
 

@@ -18,8 +18,9 @@ import json
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import soundfile
@@ -28,7 +29,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from omni_serve.serve.protocol import (
-    AudioEvent, ErrorEvent, FinalEvent, GenerateRequest, HistoryTurn, StreamEvent, TextEvent,
+    AudioEvent,
+    ErrorEvent,
+    FinalEvent,
+    GenerateRequest,
+    HistoryTurn,
+    StreamEvent,
+    TextEvent,
 )
 
 AUDIO_LIFETIME_S = 3600

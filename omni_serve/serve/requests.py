@@ -13,8 +13,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from omni_serve.engine import (
-    SAMPLE_RATE, AudioError, AudioLimits, AudioTooLongError, GenerationOptions, PastTurn, SpeechRequest, load_audio,
-    pcm16_to_float, prepare_waveform,
+    SAMPLE_RATE,
+    AudioError,
+    AudioLimits,
+    AudioTooLongError,
+    GenerationOptions,
+    PastTurn,
+    SpeechRequest,
+    load_audio,
+    pcm16_to_float,
+    prepare_waveform,
 )
 from omni_serve.serve.protocol import GenerateRequest
 

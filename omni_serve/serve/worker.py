@@ -24,11 +24,24 @@ from starlette.types import Receive, Scope, Send
 from omni_serve.engine import AudioLimits, Engine, SpeechRequest
 from omni_serve.serve.metrics import WorkerMetrics, metrics_response
 from omni_serve.serve.protocol import (
-    NDJSON_MEDIA_TYPE, AudioEvent, ErrorEvent, GenerateRequest, HealthResponse, HeartbeatRequest, ReadyResponse,
-    RegisterWorkerRequest, StreamEvent, WorkerStatus,
+    NDJSON_MEDIA_TYPE,
+    AudioEvent,
+    ErrorEvent,
+    GenerateRequest,
+    HealthResponse,
+    HeartbeatRequest,
+    ReadyResponse,
+    RegisterWorkerRequest,
+    StreamEvent,
+    WorkerStatus,
 )
 from omni_serve.serve.requests import (
-    RequestRefused, decode_audio, decode_history, is_reference_shape, parse_request, to_speech_request,
+    RequestRefused,
+    decode_audio,
+    decode_history,
+    is_reference_shape,
+    parse_request,
+    to_speech_request,
 )
 from omni_serve.serve.security import auth_headers, error_response, install_guards, token_refusal
 from omni_serve.serve.settings import WorkerSettings
