@@ -24,12 +24,13 @@ from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_win
 from omni_serve.model.transcript_scoring import LanguageModelRanker, TranscriptScorer
 from omni_serve.model.whisper_inference import SharedAudioInference
 
-
 # First words after which a typed sentence ends with a question mark.
-QUESTION_OPENERS = frozenset(
-    "what who whom whose why how when where which is are am was were do does did can could will would should shall "
-    "may might must have has had isn't aren't wasn't weren't don't doesn't didn't can't couldn't won't wouldn't "
-    "shouldn't".split())
+QUESTION_OPENERS = frozenset({
+    "what", "who", "whom", "whose", "why", "how", "when", "where", "which", "is", "are", "am", "was", "were",
+    "do", "does", "did", "can", "could", "will", "would", "should", "shall", "may", "might", "must", "have",
+    "has", "had", "isn't", "aren't", "wasn't", "weren't", "don't", "doesn't", "didn't", "can't", "couldn't",
+    "won't", "wouldn't", "shouldn't",
+})
 
 
 def as_typed(text: str) -> str:
@@ -115,7 +116,7 @@ class TranscriptionFrontEnd:
         return as_typed(" ".join(text for text in texts if text))
 
     def _decode_window(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> str:
-        """One 30 s window (openai-whisper's beam search handles a single window per run)."""
+        """One 30 s window: `DecodingTask.run` with a beam fails on several windows at once."""
         task = DecodingTask(self.model, options)
         # Whisper's own inference copies the window's keys for every beam at every step.
         task.inference = SharedAudioInference(self.model)

@@ -4,7 +4,9 @@ openai-whisper's own `PyTorchInference` computes the cross-attention keys and va
 window and then relies on broadcasting them over the (window x beam) rows of the decoder: with one
 window the attention kernel copies them for every beam at every step (a third of the decoding time
 on a CPU), and with several windows (a question longer than 30 s) the shapes do not broadcast and
-decoding fails. Here each window's beams are laid out as extra query positions of that window:
+decoding fails (`DecodingTask.run` also mishandles several windows with a beam after decoding, so the
+transcription front end runs one window at a time). Here each window's beams are laid out as extra
+query positions of that window:
 cross-attention has no mask, so this is the same attention, computed once per window with no copies.
 The arithmetic is Whisper's own (same modules, same order); only the batching differs.
 """
