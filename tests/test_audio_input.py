@@ -86,6 +86,32 @@ def test_too_long_audio_is_refused_with_the_limit():
         prepare_waveform(_tone(11.0), 16000, AudioLimits(max_seconds=10))
 
 
+def test_length_is_refused_before_any_conversion(monkeypatch):
+    """A few kilobytes that claim a very low rate, or a long file, are refused without being expanded."""
+    def no_resampling(*args, **kwargs):
+        raise AssertionError("resampled before the length was checked")
+
+    monkeypatch.setattr("omni_serve.model.audio.resample_poly", no_resampling)
+    with pytest.raises(AudioTooLongError, match="200.0 s long"):
+        prepare_waveform(_tone(200.0, 8000), 8000)
+    with pytest.raises(AudioTooLongError, match="limit is 120 s"):  # refused from the wav header
+        load_audio(_encode(_tone(130.0, 8000), 8000, "WAV"))
+    with pytest.raises(AudioError, match="too low for speech"):
+        prepare_waveform(_tone(1.0, 16000), 1)
+    with pytest.raises(AudioTooLongError, match="8000.0 s long"):  # 8,000 samples said to be 1 Hz
+        load_audio(_encode(_tone(0.5, 16000), 1, "WAV"))
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_long_compressed_file_is_refused(tmp_path):
+    """ffmpeg decodes at most a second past the limit, so a long file is refused at the cost of the limit."""
+    target = tmp_path / "long.webm"  # not readable by soundfile, so ffmpeg decodes it
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=220:duration=150",
+                    "-b:a", "16k", str(target)], check=True)
+    with pytest.raises(AudioTooLongError, match="121.0 s long; the limit is 120 s"):
+        load_audio(target)
+
+
 def test_nan_and_bad_rate_are_refused():
     samples = _tone(1.0)
     samples[5] = np.nan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -13,6 +14,8 @@ from conftest import MODEL_DIR, VOCODER_DIR
 from serve_helpers import MODEL_NAME, Q1_WAV, Q2_WAV, Stack, controller_process
 
 from omni_serve.engine import AudioChunk, Engine, GenerationOptions, SpeechRequest, TextDelta, load_audio
+from omni_serve.serve.openai_api import OpenAIError, unless_client_leaves
+from omni_serve.serve.protocol import TextEvent
 
 TOKEN = "openai-test-key"
 PCM_STEP = 1 / 32768
@@ -126,6 +129,64 @@ def test_errors_surface_as_the_clients_own_exceptions(client, stack):
     assert too_long.value.status_code == 413
 
 
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": 5},
+    {"role": "user", "content": ["hello"]},
+    {"role": "user", "content": [{"type": "input_audio", "input_audio": "not an object"}]},
+    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": 7}}]},
+    {"role": "user", "content": [{"type": "text", "text": 3}]},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+])
+def test_malformed_messages_are_a_400_in_openais_shape(client, message):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL_NAME, messages=[message])
+    assert bad.value.body["type"] == "invalid_request_error" and "messages" in bad.value.body["message"]
+
+
+def test_malformed_earlier_turns_and_huge_seeds_are_a_400(client):
+    for assistant in ({"role": "assistant", "content": ["hi"]}, {"role": "assistant", "audio": "an id"}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL_NAME, messages=[
+                {"role": "user", "content": "Hello"}, assistant, {"role": "user", "content": "And?"}])
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)], seed=2**64)
+    assert "seed" in str(bad.value)
+
+
+def test_a_collected_answer_is_cancelled_when_its_client_leaves():
+    """Without a stream nothing is sent until the end, so the client's leaving is watched for."""
+    closed = asyncio.Event()
+
+    async def endless_events():
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield TextEvent(text="word ")
+        finally:
+            closed.set()
+
+    class LeavingClient:
+        calls = 0
+
+        async def is_disconnected(self) -> bool:
+            self.calls += 1
+            return self.calls >= 3
+
+    async def scenario() -> None:
+        events = endless_events()
+
+        async def collect() -> dict:
+            async for _ in events:
+                pass
+            return {}
+
+        with pytest.raises(OpenAIError) as gone:
+            await unless_client_leaves(LeavingClient(), collect(), events)
+        assert gone.value.code == "cancelled" and closed.is_set()
+
+    asyncio.run(scenario())
+
+
 def test_no_worker_is_a_503(tmp_path):
     controller = controller_process(tmp_path, token=TOKEN).start()
     try:
@@ -134,5 +195,6 @@ def test_no_worker_is_a_503(tmp_path):
         with pytest.raises(openai.InternalServerError) as error:
             lonely.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)])
         assert error.value.status_code == 503
+        assert error.value.response.headers["Retry-After"] == "1"  # how the client paces its retries
     finally:
         controller.stop()

@@ -183,3 +183,27 @@ def test_supervisor_restarts_a_dead_worker_a_few_times_then_gives_up():
     text = out.getvalue()
     assert text.count("[worker-0] started") == MAX_WORKER_RESTARTS + 1
     assert "exited with code 3; stopping everything" in text
+
+
+def test_a_worker_that_ran_for_a_while_is_restarted_every_time(monkeypatch):
+    """Deaths far apart are not a crash loop: each one finds the count reset."""
+    monkeypatch.setattr("omni_serve.serve.launcher.STABLE_AFTER_S", 0.0)
+    out, stop = io.StringIO(), threading.Event()
+    stack = Stack(LaunchPlan(model_path="m"), out)
+    crash = [sys.executable, "-c", "print('started'); raise SystemExit(3)"]
+    stack.start(Child("worker-0", crash, dict(os.environ), "http://127.0.0.1:9/ready"))
+    deaths = MAX_WORKER_RESTARTS + 2
+
+    def stop_after_deaths() -> None:
+        while out.getvalue().count("restarting it") < deaths:
+            time.sleep(0.05)
+        stop.set()
+
+    watcher = threading.Thread(target=stop_after_deaths, daemon=True)
+    watcher.start()
+    try:
+        assert supervise(stack, stop) == 0  # stopped by us, not given up
+    finally:
+        stop.set()
+        stack.stop()
+    assert "stopping everything" not in out.getvalue()

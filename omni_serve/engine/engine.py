@@ -208,7 +208,7 @@ class Engine:
             if total > self.max_context:
                 raise ContextLengthError(
                     f"the conversation needs {total} positions but the model holds {self.max_context}; "
-                    "start a new conversation or lower max_new_tokens")
+                    "start a new conversation or ask for fewer new tokens (max_new_tokens; max_tokens in the OpenAI API)")
             if conversation is not None:
                 conversation.cache = None  # in use; restored only if this turn completes
             positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)

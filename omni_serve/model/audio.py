@@ -26,6 +26,7 @@ WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
 DEFAULT_MAX_SECONDS = 120.0
 SILENCE_PEAK = 1e-4  # below this peak amplitude nothing audible was recorded
 MIN_SECONDS = 0.05
+MIN_SAMPLE_RATE = 4_000  # below this no speech band survives (telephone audio is 8 kHz)
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,22 @@ def load_audio(source: str | Path | bytes, limits: AudioLimits = AudioLimits()) 
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     if not data:
         raise AudioError("the audio is empty (0 bytes)")
-    samples, rate = _decode(data)
+    samples, rate = _decode(data, limits)
     return prepare_waveform(samples, rate, limits)
 
 
 def prepare_waveform(samples: np.ndarray, rate: int, limits: AudioLimits = AudioLimits()) -> np.ndarray:
-    """Mix down, resample to 16 kHz and validate raw samples (any shape (n,) or (n, channels))."""
+    """Mix down, resample to 16 kHz and validate raw samples (any shape (n,) or (n, channels)).
+
+    The length is checked before any conversion: a few kilobytes that claim a rate of 1 Hz would
+    otherwise be resampled into gigabytes before being refused.
+    """
     if rate <= 0:
         raise AudioError(f"invalid sample rate {rate}")
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(f"the sample rate {rate} Hz is too low for speech; send at least {MIN_SAMPLE_RATE} Hz")
     array = np.asarray(samples)
+    _refuse_too_long(array.shape[0] / rate if array.ndim else 0.0, limits)
     if array.dtype.kind in "iu":
         array = array.astype(np.float32) / float(np.iinfo(array.dtype).max + 1)
     array = array.astype(np.float32, copy=False)
@@ -75,10 +83,12 @@ def validate_waveform(samples: np.ndarray, limits: AudioLimits = AudioLimits()) 
         raise AudioError(f"the audio is too short ({seconds * 1000:.0f} ms); speak for at least a moment")
     if float(np.max(np.abs(samples))) < SILENCE_PEAK:
         raise AudioError("the audio is silent; check the microphone")
+    _refuse_too_long(seconds, limits)
+
+
+def _refuse_too_long(seconds: float, limits: AudioLimits) -> None:
     if seconds > limits.max_seconds:
-        raise AudioTooLongError(
-            f"the audio is {seconds:.1f} s long; the limit is {limits.max_seconds:.0f} s"
-        )
+        raise AudioTooLongError(f"the audio is {seconds:.1f} s long; the limit is {limits.max_seconds:.0f} s")
 
 
 def split_windows(samples: np.ndarray) -> list[np.ndarray]:
@@ -105,20 +115,28 @@ def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, int]:
+def _decode(data: bytes, limits: AudioLimits) -> tuple[np.ndarray, int]:
+    """Samples and rate; a file whose header says it is too long is refused before it is read."""
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return _decode_with_ffmpeg(data, limits)
+    if info.samplerate > 0:
+        _refuse_too_long(info.frames / info.samplerate, limits)
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
         return samples, int(rate)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
-        return _decode_with_ffmpeg(data)
+        return _decode_with_ffmpeg(data, limits)
 
 
-def _decode_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_with_ffmpeg(data: bytes, limits: AudioLimits) -> tuple[np.ndarray, int]:
+    """Decodes at most a second past the limit (`-t`), so a long file costs no more than a refusal needs."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioError("the audio format needs ffmpeg, which is not installed (apt-get install ffmpeg)")
-    command = [ffmpeg, "-nostdin", "-v", "error", "-i", "pipe:0", "-f", "s16le", "-ac", "1",
-               "-ar", str(SAMPLE_RATE), "pipe:1"]
+    command = [ffmpeg, "-nostdin", "-v", "error", "-i", "pipe:0", "-t", f"{limits.max_seconds + 1:g}",
+               "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
     try:
         result = subprocess.run(command, input=data, capture_output=True, timeout=60, check=False)
     except subprocess.TimeoutExpired as exc:

@@ -211,11 +211,6 @@ def pcm16_request_bytes(samples: np.ndarray) -> bytes:
     return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
-def reference_request(samples: np.ndarray, prompt: str | None = None, **options: Any) -> GenerateRequest:
-    """The reference web client's request: 16 kHz samples as a JSON list of floats."""
-    return GenerateRequest(audio=np.asarray(samples, dtype=np.float32).tolist(), prompt=prompt, **options)
-
-
 def audio_samples(event: AudioEvent) -> np.ndarray:
     """The float32 samples of one streamed audio chunk."""
     return pcm16_to_float(base64.b64decode(event.pcm16))

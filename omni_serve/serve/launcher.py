@@ -28,7 +28,8 @@ from omni_serve.serve.settings import HEARTBEAT_INTERVAL_S, LOOPBACK, TOKEN_ENV
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 10.0
-MAX_WORKER_RESTARTS = 3
+MAX_WORKER_RESTARTS = 3  # in a row: deaths each within STABLE_AFTER_S of the worker's start (a crash loop)
+STABLE_AFTER_S = 300.0  # a worker that ran this long before dying starts its count afresh
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Child:
     any_answer: bool = False  # the web UI is ready when its port answers at all
     process: subprocess.Popen | None = None
     restarts: int = 0
+    started_at: float = 0.0
     pump: threading.Thread | None = None
 
 
@@ -81,6 +83,7 @@ class Stack:
             self.out.flush()
 
     def start(self, child: Child) -> None:
+        child.started_at = time.monotonic()
         child.process = subprocess.Popen(
             child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1, errors="replace", start_new_session=True,
@@ -150,18 +153,24 @@ def launch(plan: LaunchPlan, out: TextIO = sys.stdout, stop_event: threading.Eve
 
 
 def supervise(stack: Stack, stop_event: threading.Event) -> int:
-    """Wait for a stop; restart workers that die (a few times); give up when the controller or web UI dies."""
+    """Wait for a stop; restart workers that die; give up when the controller or web UI dies, or a worker crash-loops.
+
+    A worker that served for a while before it died (killed for memory, a driver fault) is restarted
+    every time; one that keeps dying soon after each start has a problem a restart will not fix.
+    """
     while not stop_event.wait(0.5):
         for child in stack.children:
             code = child.process.poll()
             if code is None:
                 continue
+            if time.monotonic() - child.started_at >= STABLE_AFTER_S:
+                child.restarts = 0
             if not child.name.startswith("worker") or child.restarts >= MAX_WORKER_RESTARTS:
                 stack.say(f"[launcher] {child.name} exited with code {code}; stopping everything")
                 return 1
             child.restarts += 1
             stack.say(f"[launcher] {child.name} exited with code {code}; restarting it "
-                      f"({child.restarts}/{MAX_WORKER_RESTARTS})")
+                      f"({child.restarts}/{MAX_WORKER_RESTARTS} in a row)")
             stack.start(child)
     return 0
 

@@ -12,6 +12,7 @@ streamed audio is always PCM16 (16 kHz mono), as in OpenAI's API.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -20,13 +21,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import soundfile
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omni_serve.serve.protocol import (
     AudioEvent,
@@ -34,11 +35,13 @@ from omni_serve.serve.protocol import (
     FinalEvent,
     GenerateRequest,
     HistoryTurn,
+    Seed,
     StreamEvent,
     TextEvent,
 )
 
 AUDIO_LIFETIME_S = 3600
+DISCONNECT_POLL_S = 0.25  # how often a collected (non-streamed) answer checks that its client is still there
 OUTPUT_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None), "opus": ("OGG", "OPUS")}
 ERROR_STATUS = {"bad_audio": 400, "bad_request": 400, "context_full": 400, "too_long": 413, "unknown_model": 404,
                 "no_worker": 503, "busy": 503, "worker_failed": 502, "unauthorized": 401, "cancelled": 499,
@@ -52,9 +55,40 @@ class AudioOptions(BaseModel):
     voice: str | None = None
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class InputAudio(BaseModel):
+    data: str = Field(min_length=1, description="base64 of the audio file")
+    format: str | None = None  # informative: the worker recognises the format itself
+
+
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AssistantAudio(BaseModel):
+    """An earlier answer's audio, named by its id (or carrying its transcript)."""
+
+    id: str | None = None
+    transcript: str | None = None
+
+
+class Message(BaseModel):
+    """One chat message; fields this API does not use (name, tool_calls, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Annotated[TextPart | AudioPart, Field(discriminator="type")]] | None = None
+    audio: AssistantAudio | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     model: str
-    messages: list[dict[str, Any]]
+    messages: list[Message]
     modalities: list[Literal["text", "audio"]] = Field(default_factory=lambda: ["text"])
     audio: AudioOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -62,7 +96,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class OpenAIError(Exception):
@@ -71,7 +105,10 @@ class OpenAIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=error_body(self.status, self.message, self.code, self.param))
+        # OpenAI's client paces its retries of a 503 by Retry-After, as the worker's own 503 says.
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(status_code=self.status, content=error_body(self.status, self.message, self.code, self.param),
+                            headers=headers)
 
 
 def error_status(event: ErrorEvent) -> int:
@@ -113,13 +150,13 @@ class TranscriptStore:
 
 def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStore) -> GenerateRequest:
     """Translate OpenAI messages: alternating user/assistant turns, the last one from the user."""
-    turns = [m for m in body.messages if m.get("role") in ("user", "assistant")]
-    if not turns or turns[-1]["role"] != "user":
+    turns = [m for m in body.messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1].role != "user":
         raise OpenAIError(400, "the last message must come from the user", "invalid_messages", "messages")
     history: list[HistoryTurn] = []
     for index in range(0, len(turns) - 1, 2):
         user, assistant = turns[index], turns[index + 1]
-        if user["role"] != "user" or assistant["role"] != "assistant":
+        if user.role != "user" or assistant.role != "assistant":
             raise OpenAIError(400, "messages must alternate between user and assistant", "invalid_messages", "messages")
         audio_b64, text = _user_parts(user)
         history.append(HistoryTurn(answer=_assistant_text(assistant, transcripts), audio_b64=audio_b64, text=text))
@@ -138,42 +175,31 @@ def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStor
                            vocode="audio" in body.modalities, **options)
 
 
-def _user_parts(message: dict) -> tuple[str | None, str | None]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return None, content
-    audio, texts = [], []
-    for part in content or []:
-        kind = part.get("type")
-        if kind == "text":
-            texts.append(part.get("text", ""))
-        elif kind == "input_audio":
-            data = (part.get("input_audio") or {}).get("data")
-            if not data:
-                raise OpenAIError(400, "input_audio needs base64 `data`", "invalid_audio", "messages")
-            audio.append(data)
-        else:
-            raise OpenAIError(400, f"unsupported content part type {kind!r}", "invalid_content", "messages")
+def _user_parts(message: Message) -> tuple[str | None, str | None]:
+    if isinstance(message.content, str):
+        return None, message.content
+    parts = message.content or []
+    audio = [part.input_audio.data for part in parts if isinstance(part, AudioPart)]
+    texts = [part.text for part in parts if isinstance(part, TextPart)]
     if len(audio) > 1:
         raise OpenAIError(400, "one input_audio part per message is supported", "invalid_audio", "messages")
     return (audio[0] if audio else None), ("\n".join(texts) if texts else None)
 
 
-def _assistant_text(message: dict, transcripts: TranscriptStore) -> str:
-    content = message.get("content")
-    if isinstance(content, str) and content:
-        return content
-    if isinstance(content, list):
-        text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+def _assistant_text(message: Message, transcripts: TranscriptStore) -> str:
+    if isinstance(message.content, str) and message.content:
+        return message.content
+    if isinstance(message.content, list):
+        text = "".join(part.text for part in message.content if isinstance(part, TextPart))
         if text:
             return text
-    audio = message.get("audio") or {}
-    if audio.get("transcript"):
-        return audio["transcript"]
-    if audio.get("id"):
-        transcript = transcripts.get(audio["id"])
+    audio = message.audio or AssistantAudio()
+    if audio.transcript:
+        return audio.transcript
+    if audio.id:
+        transcript = transcripts.get(audio.id)
         if transcript is None:
-            raise OpenAIError(400, f"audio {audio['id']!r} is unknown or expired", "audio_not_found", "messages")
+            raise OpenAIError(400, f"audio {audio.id!r} is unknown or expired", "audio_not_found", "messages")
         return transcript
     raise OpenAIError(400, "an assistant message needs content or audio", "invalid_messages", "messages")
 
@@ -231,7 +257,7 @@ def create_openai_router(backend: ChatBackend) -> APIRouter:
         if body.stream:
             return StreamingResponse(completion.sse(first, events), media_type="text/event-stream")
         try:
-            return JSONResponse(await completion.collect(first, events))
+            return JSONResponse(await unless_client_leaves(request, completion.collect(first, events), events))
         except OpenAIError as exc:
             return exc.response()
 
@@ -312,6 +338,26 @@ class _Completion:
         prompt = int(final.timings.get("prompt_positions", 0))
         completion = len(final.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def unless_client_leaves(request: Request, answer: Awaitable[dict], events: AsyncIterator[StreamEvent]) -> dict:
+    """The collected answer; if the client leaves first, the worker's stream is closed, which cancels it.
+
+    A streamed answer stops when its response can no longer be sent; a collected one sends nothing
+    until the end, so the client's leaving is watched for here.
+    """
+    task = asyncio.ensure_future(answer)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise OpenAIError(499, "the client closed the request", "cancelled")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await events.aclose()
 
 
 async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:

@@ -111,6 +111,10 @@ class HistoryTurn(BaseModel):
     text: str | None = None
 
 
+# What torch.Generator.manual_seed takes; a larger seed is a 400, not a worker failure.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
 class GenerateRequest(BaseModel):
     """One user turn. Audio comes in exactly one of three forms.
 
@@ -130,7 +134,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1, le=4096)
     stop: str | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     conversation_id: str | None = None
     text: str | None = None  # typed text beside the speech, or instead of it
     history: list[HistoryTurn] = Field(default_factory=list)
