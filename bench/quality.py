@@ -45,6 +45,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from omni_serve.engine import (
     AudioChunk,
+    AudioError,
     Engine,
     ErrorEvent,
     Finished,
@@ -206,6 +207,14 @@ def whisper_alone(front_end: TranscriptionFrontEnd) -> TranscriptionFrontEnd:
                                  replace(front_end.options, llm_rescoring_weight=None))
 
 
+def heard(judge: TranscriptionFrontEnd, speech: np.ndarray) -> str:
+    """What the judge hears; nothing, if it hears no speech at all (every word then counts as an error)."""
+    try:
+        return judge.transcribe(speech)
+    except AudioError:
+        return ""
+
+
 def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voices: list[Voice],
              max_new_tokens: int, shared: SharedResults) -> dict:
     model = load_model(model_path, device="cpu")
@@ -237,10 +246,10 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                 sample.key_in_typed = key in words(sample.typed_answer)
                 reference = words(final.text)
                 sample.answer_words = len(reference)
-                sample.speech_errors = edit_distance(reference, words(judge.transcribe(speech))) if speech.size else len(reference)
+                sample.speech_errors = edit_distance(reference, words(heard(judge, speech))) if speech.size else len(reference)
                 if final.text not in direct_cache:
                     direct = espeak(final.text, engine_voice, engine_speed)
-                    direct_cache[final.text] = edit_distance(reference, words(judge.transcribe(direct)))
+                    direct_cache[final.text] = edit_distance(reference, words(heard(judge, direct)))
                 sample.direct_errors = direct_cache[final.text]
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "

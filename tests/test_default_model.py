@@ -27,6 +27,7 @@ from omni_serve.default.gguf_llama import unpermute_rope
 from omni_serve.engine import (
     AudioChunk,
     Engine,
+    ErrorEvent,
     Finished,
     GenerationOptions,
     SpeechRequest,
@@ -151,6 +152,25 @@ def test_question_longer_than_one_window_is_transcribed_whole(smol):
     audio = np.concatenate([first, np.zeros(16_000 * 30 - first.size, dtype=np.float32), second])
     words = EnglishTextNormalizer()(smol.front_end.transcribe(audio)).split()
     assert words.index("france") < words.index("spider")
+
+
+def test_noise_is_refused_rather_than_answered(smol):
+    """Whisper makes up words for noise; its no-speech judgement turns that into a clear error."""
+    noise = np.random.default_rng(0).normal(0, 0.05, 48_000).astype(np.float32)
+    engine = Engine(smol, max_batch_size=1)
+    try:
+        events = list(engine.generate(SpeechRequest(noise, GenerationOptions(max_new_tokens=8))))
+    finally:
+        engine.close()
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent)
+    assert events[0].code == "bad_audio" and "no speech" in events[0].message
+
+
+def test_a_window_of_noise_after_the_question_is_left_out(smol):
+    question = espeak_question(QUESTION)
+    noise = np.random.default_rng(1).normal(0, 0.05, 16_000 * 4).astype(np.float32)
+    audio = np.concatenate([question, np.zeros(16_000 * 30 - question.size, dtype=np.float32), noise])
+    assert smol.front_end.transcribe(audio) == smol.front_end.transcribe(question)
 
 
 def test_converted_llm_answers_a_typed_question(smol):

@@ -17,9 +17,10 @@ import torch
 import whisper
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from whisper.decoding import DecodingTask
+from whisper.decoding import DecodingResult, DecodingTask
 from whisper.model import Whisper
 
+from omni_serve.model.errors import AudioError
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
 from omni_serve.model.transcript_scoring import LanguageModelRanker, TranscriptScorer
 from omni_serve.model.whisper_inference import SharedAudioInference
@@ -64,6 +65,9 @@ class TranscriptionOptions:
     without_timestamps: bool = True
     beam_size: int | None = None
     llm_rescoring_weight: float | None = None
+    # openai-whisper's own rule for a window without speech (its `transcribe` defaults): both must hold.
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
 
     @classmethod
     def from_extras(cls, extras: dict[str, Any]) -> TranscriptionOptions:
@@ -107,15 +111,26 @@ class TranscriptionFrontEnd:
 
     @torch.inference_mode()
     def transcribe(self, samples: np.ndarray) -> str:
-        """The text of 16 kHz samples, in its typed form; each 30 s window is decoded on its own, the texts joined."""
+        """The text of 16 kHz samples, in its typed form; each 30 s window is decoded on its own, the texts joined.
+
+        Windows Whisper judges to hold no speech are left out; if none holds speech, AudioError.
+        """
         mel = log_mel_windows(samples, self.model.dims.n_mels).to(self.model.encoder.conv1.weight.device)
         fp16 = self.model.encoder.conv1.weight.dtype == torch.float16
         options = whisper.DecodingOptions(language=self.options.language, fp16=fp16, beam_size=self.options.beam_size,
                                           without_timestamps=self.options.without_timestamps)
-        texts = [self._decode_window(window[None], options) for window in mel]
-        return as_typed(" ".join(text for text in texts if text))
+        results = [self._decode_window(window[None], options) for window in mel]
+        heard = [result.text.strip() for result in results if not self._is_no_speech(result)]
+        if not any(heard):
+            # Noise or a hum would otherwise get a confident answer to words Whisper made up.
+            raise AudioError("no speech was heard in the audio; speak closer to the microphone or check the input")
+        return as_typed(" ".join(text for text in heard if text))
 
-    def _decode_window(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> str:
+    def _is_no_speech(self, result: DecodingResult) -> bool:
+        return (result.no_speech_prob > self.options.no_speech_threshold
+                and result.avg_logprob < self.options.logprob_threshold)
+
+    def _decode_window(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> DecodingResult:
         """One 30 s window: `DecodingTask.run` with a beam fails on several windows at once."""
         task = DecodingTask(self.model, options)
         # Whisper's own inference copies the window's keys for every beam at every step.
@@ -126,7 +141,7 @@ class TranscriptionFrontEnd:
             # The LLM reads each candidate as it would be passed on: in its typed form.
             task.sequence_ranker = LanguageModelRanker(lambda tokens: as_typed(task.tokenizer.decode(tokens)),
                                                        self.scorer.log_likelihoods, self.options.llm_rescoring_weight)
-        return task.run(mel)[0].text.strip()
+        return task.run(mel)[0]
 
     @torch.inference_mode()
     def embed_text(self, text: str) -> torch.Tensor:
