@@ -143,7 +143,7 @@ def test_malformed_messages_are_a_400_in_openais_shape(client, message):
     assert bad.value.body["type"] == "invalid_request_error" and "messages" in bad.value.body["message"]
 
 
-def test_malformed_earlier_turns_and_huge_seeds_are_a_400(client):
+def test_malformed_earlier_turns_huge_seeds_and_several_choices_are_a_400(client):
     for assistant in ({"role": "assistant", "content": ["hi"]}, {"role": "assistant", "audio": "an id"}):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL_NAME, messages=[
@@ -151,6 +151,8 @@ def test_malformed_earlier_turns_and_huge_seeds_are_a_400(client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)], seed=2**64)
     assert "seed" in str(bad.value)
+    with pytest.raises(openai.BadRequestError, match=r"\nn\n  Input should be 1"):  # said rather than ignored
+        client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)], n=2)
 
 
 def test_a_collected_answer_is_cancelled_when_its_client_leaves():

@@ -97,6 +97,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     seed: Seed | None = None
+    n: Literal[1] = Field(1, description="one choice per request: several would each need a generation")
 
 
 class OpenAIError(Exception):
