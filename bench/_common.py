@@ -45,10 +45,10 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "omni-serve-bench"
 # decode at a useful rate while batching still pays; `published` is the released decoder/vocoder shape.
 MODEL_SHAPES = {
     "mid": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
-                "num_key_value_heads": 8, "ctc_decoder_config": "(2,512,8,1408)", "speech_encoder_hidden_size": 384,
-                "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
-                             "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
-                "vocoder": {"upsample_initial_channel": 512, "embedding_dim": 128}},
+        "num_key_value_heads": 8, "ctc_decoder_config": "(2,512,8,1408)", "speech_encoder_hidden_size": 384,
+        "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
+                    "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
+        "vocoder": {"upsample_initial_channel": 512, "embedding_dim": 128}},
 }
 PUBLISHED_VOCODER = {"upsample_initial_channel": 512, "embedding_dim": 128}
 

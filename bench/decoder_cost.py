@@ -121,17 +121,17 @@ def measure(name: str, lengths: tuple[int, ...], repeats: int, full_upto: int, q
         per_token_inc = incremental_step(generator, tokens - 1, repeats)
         inc_total = incremental_total(generator, tokens) if name != "published" else None
         row = {"tokens": tokens, "positions_incremental": factor * tokens,
-                   "positions_full": factor * tokens * (tokens + 1) // 2,
-                   "per_token_incremental_ms": 1e3 * per_token_inc,
-                   "per_token_full_ms": 1e3 * full[tokens] if tokens in full else None,
-                   "total_incremental_s": inc_total,
-                   "total_full_s": trapezoid(full, tokens) if tokens <= max(samples) else None}
+               "positions_full": factor * tokens * (tokens + 1) // 2,
+               "per_token_incremental_ms": 1e3 * per_token_inc,
+               "per_token_full_ms": 1e3 * full[tokens] if tokens in full else None,
+               "total_incremental_s": inc_total,
+               "total_full_s": trapezoid(full, tokens) if tokens <= max(samples) else None}
         row["positions_ratio"] = row["positions_full"] / row["positions_incremental"]
         if row["total_full_s"] and inc_total:
             row["time_ratio"] = row["total_full_s"] / inc_total
         rows.append(row)
     return {"decoder": DECODERS[name]["decoder"], "hidden": DECODERS[name]["hidden"], "rows": rows,
-                "full_step_ms": {n: 1e3 * t for n, t in full.items()}}
+            "full_step_ms": {n: 1e3 * t for n, t in full.items()}}
 
 
 def main() -> None:
@@ -147,8 +147,8 @@ def main() -> None:
     results = {name: measure(name, lengths, repeats, upto, args.quick) for name, lengths, upto in plan}
     at256 = {name: next((r for r in res["rows"] if r["tokens"] == 256), None) for name, res in results.items()}
     goals = {name: {"positions_ratio_at_256": r["positions_ratio"], "time_ratio_at_256": r.get("time_ratio"),
-                        "positions_goal_met": r["positions_ratio"] >= 100,
-                        "time_goal_met": r["time_ratio"] >= 10 if r.get("time_ratio") else None}
+                    "positions_goal_met": r["positions_ratio"] >= 100,
+                    "time_goal_met": r["time_ratio"] >= 10 if r.get("time_ratio") else None}
              for name, r in at256.items() if r}
     if args.json:
         emit_json({"bench": "decoder_cost", "note": machine_note(), "repeats": repeats, "results": results, "goals": goals})

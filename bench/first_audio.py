@@ -61,8 +61,8 @@ def one_request(engine, audio, first_chunk_units: int, max_new_tokens: int) -> d
     vocoder_s = sum(until_audio)
     first_token_s = t.first_token_s
     return {"first_audio_s": t.first_audio_s, "encode_s": t.encode_s, "prefill_s": t.prefill_s, "first_token_s": first_token_s,
-                "tokens_until_chunk_s": t.first_audio_s - first_token_s - vocoder_s, "first_vocoder_s": vocoder_s,
-                "vocoder_pushes": len(until_audio), "first_chunk_audio_ms": 1e3 * (first_chunk or 0.0)}
+            "tokens_until_chunk_s": t.first_audio_s - first_token_s - vocoder_s, "first_vocoder_s": vocoder_s,
+            "vocoder_pushes": len(until_audio), "first_chunk_audio_ms": 1e3 * (first_chunk or 0.0)}
 
 
 def measure(name: str, repeats: int, max_new_tokens: int) -> dict:

@@ -67,7 +67,7 @@ def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -
     tokens = sum(f.num_tokens for _, f in finished)
     assert all(f.num_tokens == max_new_tokens for _, f in finished), "a request stopped early"
     return {"decode_tps": (tokens - streams) / (max(ends) - decode_start), "e2e_tps": tokens / (max(ends) - began),
-                "cpu_ms_per_token": 1e3 * cpu / tokens}
+            "cpu_ms_per_token": 1e3 * cpu / tokens}
 
 
 def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
@@ -102,7 +102,7 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
         rows[streams]["decode_speedup"] = rows[streams]["decode_tps"] / base["decode_tps"]
         rows[streams]["e2e_speedup"] = rows[streams]["e2e_tps"] / base["e2e_tps"]
     return {"model": name, "max_new_tokens": max_new_tokens, "vocode": vocode, "repeats": repeats, "streams": rows,
-                "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
+            "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ def speed(units_count: int, repeats: int) -> dict:
             for name, fn in cases.items():
                 times[name] += timed(fn, 1, warmup=0)
     rows = {name: {"rtf": median(ts) / audio_s, "rtf_min": min(ts) / audio_s, "rtf_max": max(ts) / audio_s,
-                       "seconds": median(ts)} for name, ts in times.items()}
+                   "seconds": median(ts)} for name, ts in times.items()}
     return {"units": units_count, "frames": int(frames.shape[2]), "audio_s": audio_s, "repeats": repeats, "cases": rows}
 
 
@@ -103,20 +103,20 @@ def exactness() -> dict:
         independent = np.concatenate([model(torch.tensor([units[i : i + chunk]])).numpy()
                                       for i in range(0, len(units), chunk)])
         rows.append({"method": f"reference: independent chunks of {chunk}", "samples": independent.size,
-                         "max_abs_diff": _diff(independent, whole)})
+                     "max_abs_diff": _diff(independent, whole)})
     for chunk in (1, *CHUNKS):
         joined, _ = stream_units(model, units, chunk)
         rows.append({"method": f"ours: stream, chunks of {chunk}", "samples": joined.size,
-                         "max_abs_diff": _diff(joined, whole)})
+                     "max_abs_diff": _diff(joined, whole)})
     lookahead = []
     for frames_ahead in LOOKAHEADS:  # units one at a time: the lag is what is held back after each push
         joined, _ = stream_units(model, units, 1, frames_ahead)
         stream = _held_back(model, units, frames_ahead)
         lookahead.append({"lookahead_frames": "exact" if frames_ahead is None else frames_ahead,
-                              "max_abs_diff": _diff(joined, whole), "mean_held_back_frames": stream,
-                              "held_back_ms": 1000 * stream * spf / rate})
+                          "max_abs_diff": _diff(joined, whole), "mean_held_back_frames": stream,
+                          "held_back_ms": 1000 * stream * spf / rate})
     return {"units": len(units), "whole_samples": whole.size, "rows": rows, "lookahead": lookahead,
-                "receptive_field_frames": model.receptive_field_frames()}
+            "receptive_field_frames": model.receptive_field_frames()}
 
 
 def _held_back(model, units: list[int], lookahead: int | None) -> float:
@@ -140,7 +140,7 @@ def main() -> None:
     args = parse_args("vocoder real-time factor and streaming exactness")
     repeats = args.repeats or (2 if args.quick else 7)
     result = {"bench": "vocoder_rtf", "note": machine_note(), "goal_rtf": GOAL_RTF,
-                  "speed": speed(60 if args.quick else 250, repeats), "exactness": exactness()}
+              "speed": speed(60 if args.quick else 250, repeats), "exactness": exactness()}
     cases = result["speed"]["cases"]
     result["goal_met"] = {name: case["rtf"] <= GOAL_RTF for name, case in cases.items() if "before" not in name}
     if args.json:

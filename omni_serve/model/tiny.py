@@ -28,17 +28,17 @@ TRAINING_TEXT = [
 
 SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": None, "ctc_decoder_config": "(2,64,4,128)",
-                 "speech_encoder_hidden_size": 64, "max_position_embeddings": 2048,
-                 "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 64, "n_audio_head": 4, "n_audio_layer": 2,
-                              "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
-                 "vocoder": {"upsample_initial_channel": 32, "embedding_dim": 16}},
+        "num_key_value_heads": 2, "vocab_size": None, "ctc_decoder_config": "(2,64,4,128)",
+        "speech_encoder_hidden_size": 64, "max_position_embeddings": 2048,
+        "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 64, "n_audio_head": 4, "n_audio_layer": 2,
+                    "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
+        "vocoder": {"upsample_initial_channel": 32, "embedding_dim": 16}},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 128256, "ctc_decoder_config": "(2,4096,32,11008)",
-               "speech_encoder_hidden_size": 1280, "max_position_embeddings": 131072,
-               "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 1280, "n_audio_head": 20, "n_audio_layer": 32,
-                            "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
-               "vocoder": {"upsample_initial_channel": 512, "embedding_dim": 128}},
+        "num_key_value_heads": 8, "vocab_size": 128256, "ctc_decoder_config": "(2,4096,32,11008)",
+        "speech_encoder_hidden_size": 1280, "max_position_embeddings": 131072,
+        "whisper": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 1280, "n_audio_head": 20, "n_audio_layer": 32,
+                    "n_vocab": 51866, "n_text_ctx": 448, "n_text_state": 8, "n_text_head": 2, "n_text_layer": 1},
+        "vocoder": {"upsample_initial_channel": 512, "embedding_dim": 128}},
 }
 
 
