@@ -6,6 +6,7 @@ then loaded by the same `load_model` as the published checkpoint.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import replace
 
@@ -17,13 +18,17 @@ from whisper.model import Whisper
 from whisper.normalizers import EnglishTextNormalizer
 
 from omni_serve.default.build import (
+    CHECKPOINT_DIR,
     SPEECH_ENCODER_FILE,
     Sources,
     build_default,
     chat_template_spec,
+    convert_base_whisper,
     is_built,
 )
 from omni_serve.default.gguf_llama import unpermute_rope
+from omni_serve.default.whisper_lora import SHAPE_FILE as LORA_SHAPE_FILE
+from omni_serve.default.whisper_lora import decoder_target_names, merge_lora
 from omni_serve.engine import (
     AudioChunk,
     Engine,
@@ -103,6 +108,34 @@ def test_whisper_checkpoint_loads_strictly(built_dir):
     dims, state = load_whisper_checkpoint(built_dir / SPEECH_ENCODER_FILE)
     assert (dims.n_mels, dims.n_audio_layer, dims.n_text_layer, dims.n_vocab) == (80, 4, 4, 51864)
     Whisper(dims).load_state_dict(state, strict=True)
+
+
+def test_whisper_is_the_shipped_one_plus_the_trained_adaptation(built_dir, tmp_path):
+    """Encoder, embeddings and norms are Whisper tiny.en's own; every decoder linear layer carries the
+    LoRA update from checkpoints/omni-smol/, merged (so serving needs no LoRA code)."""
+    dims, built = load_whisper_checkpoint(built_dir / SPEECH_ENCODER_FILE)
+    _, shipped = load_whisper_checkpoint(convert_base_whisper(tmp_path))
+    changed = {key for key in built if not torch.equal(built[key], shipped[key])}
+    assert changed == {f"{name}.weight" for name in decoder_target_names(dims.n_text_layer)}
+    expected = merge_lora(shipped, CHECKPOINT_DIR)
+    for key in changed:
+        torch.testing.assert_close(built[key], expected[key])
+    adaptation = json.loads((built_dir / "config.json").read_text())["omni_serve"]["transcription"]["whisper_adaptation"]
+    assert adaptation["step"] > 0 and adaptation["rank"] == json.loads((CHECKPOINT_DIR / LORA_SHAPE_FILE).read_text())["rank"]
+
+
+def test_everyday_words_are_whole_words(built_dir):
+    """The Whisper adaptation's everyday vocabulary keeps common words and drops BPE fragments."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from omni_serve.default.transcriber_data import everyday_words
+
+    llm = LlamaForCausalLM.from_pretrained(built_dir, dtype=torch.float32).eval()
+    words = everyday_words(llm, AutoTokenizer.from_pretrained(built_dir), whisper.tokenizer.get_tokenizer(False),
+                           max_candidates=1500)
+    assert len(words) > 600 and all(w.isalpha() and w.islower() for w in words)
+    assert {"people", "water", "house"} <= set(words)
+    assert not {"comp", "wor", "dis", "res", "app", "cont"} & set(words)  # whole-word tokens that are fragments
 
 
 def test_prompt_is_the_chat_template(smol):

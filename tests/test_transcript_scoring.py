@@ -99,3 +99,22 @@ def test_rescoring_needs_a_beam_and_a_scorer(scorer):
 ])
 def test_transcripts_are_passed_on_as_typed(heard, typed):
     assert as_typed(heard) == typed
+
+
+def test_no_speech_rule_is_whispers_unless_the_config_lets_the_probability_decide():
+    """Whisper's rule needs a low log-probability too; omni-smol's adapted Whisper writes fluent text for
+    noise while sure there is no speech, so its config lets the probability decide alone."""
+    from whisper.decoding import DecodingResult
+
+    sure_but_fluent = DecodingResult(audio_features=torch.zeros(1), language="en", avg_logprob=-0.8,
+                                     no_speech_prob=0.99)
+    unsure = DecodingResult(audio_features=torch.zeros(1), language="en", avg_logprob=-2.0, no_speech_prob=0.5)
+
+    def is_no_speech(extras: dict, result: DecodingResult) -> bool:
+        return TranscriptionOptions.from_extras(extras).is_no_speech(result)
+
+    whispers = TranscriptionOptions.from_extras({})
+    assert (whispers.no_speech_threshold, whispers.logprob_threshold) == (0.6, -1.0)
+    assert not is_no_speech({}, sure_but_fluent) and not is_no_speech({}, unsure)
+    alone = {"transcription": {"no_speech": {"probability": 0.8, "below_logprob": None}}}
+    assert is_no_speech(alone, sure_but_fluent) and not is_no_speech(alone, unsure)

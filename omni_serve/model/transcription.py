@@ -66,16 +66,26 @@ class TranscriptionOptions:
     beam_size: int | None = None
     llm_rescoring_weight: float | None = None
     # openai-whisper's own rule for a window without speech (its `transcribe` defaults): both must hold.
+    # A `logprob_threshold` of None lets the no-speech probability decide alone: a Whisper trained on
+    # clips without speech (omni-smol's) is sure of it, yet writes fluent text for noise.
     no_speech_threshold: float = 0.6
-    logprob_threshold: float = -1.0
+    logprob_threshold: float | None = -1.0
 
     @classmethod
     def from_extras(cls, extras: dict[str, Any]) -> TranscriptionOptions:
         settings = extras.get("transcription", {})
         beam = settings.get("beam_size")
         weight = settings.get("llm_rescoring_weight")
+        no_speech = settings.get("no_speech", {})
         return cls(language=settings.get("language", "en"), beam_size=int(beam) if beam and beam > 1 else None,
-                   llm_rescoring_weight=float(weight) if weight else None)
+                   llm_rescoring_weight=float(weight) if weight else None,
+                   no_speech_threshold=float(no_speech.get("probability", cls.no_speech_threshold)),
+                   logprob_threshold=no_speech.get("below_logprob", cls.logprob_threshold))
+
+    def is_no_speech(self, result: DecodingResult) -> bool:
+        """Whether a decoded window held no speech, by the no-speech rule above."""
+        below = self.logprob_threshold
+        return result.no_speech_prob > self.no_speech_threshold and (below is None or result.avg_logprob < below)
 
 
 class TranscriptionFrontEnd:
@@ -120,15 +130,11 @@ class TranscriptionFrontEnd:
         options = whisper.DecodingOptions(language=self.options.language, fp16=fp16, beam_size=self.options.beam_size,
                                           without_timestamps=self.options.without_timestamps)
         results = [self._decode_window(window[None], options) for window in mel]
-        heard = [result.text.strip() for result in results if not self._is_no_speech(result)]
+        heard = [result.text.strip() for result in results if not self.options.is_no_speech(result)]
         if not any(heard):
             # Noise or a hum would otherwise get a confident answer to words Whisper made up.
             raise AudioError("no speech was heard in the audio; speak closer to the microphone or check the input")
         return as_typed(" ".join(text for text in heard if text))
-
-    def _is_no_speech(self, result: DecodingResult) -> bool:
-        return (result.no_speech_prob > self.options.no_speech_threshold
-                and result.avg_logprob < self.options.logprob_threshold)
 
     def _decode_window(self, mel: torch.Tensor, options: whisper.DecodingOptions) -> DecodingResult:
         """One 30 s window: `DecodingTask.run` with a beam fails on several windows at once."""

@@ -1,0 +1,216 @@
+"""Training of the Whisper adaptation (LoRA on the text decoder) on `transcriber_data` shards.
+
+Teacher forcing as Whisper was trained: the decoder reads <|startoftranscript|> <|notimestamps|>
+and the text's tokens, and learns the text and <|endoftext|>; the start position also learns
+"no timestamps" for speech and <|nospeech|> for clips without speech, whose transcript is empty
+(<|endoftext|> at once): trained on speech alone, the adapted decoder wrote confident questions for
+white noise, which Whisper's no-speech rule (it needs a low log-probability too) then let through. Batches are drawn from a generator seeded by the step, so a
+resumed run takes exactly the steps an uninterrupted one would. A checkpoint (updates, optimizer,
+step) is written every `checkpoint_every` steps and at the end; the updates are exported as fp16
+safetensors (`whisper_lora`), which `build-default` merges into the converted Whisper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.model import Whisper
+from whisper.tokenizer import Tokenizer
+
+from omni_serve.default.ctc_train import edit_distance
+from omni_serve.default.transcriber_data import TranscriberData, is_heldout
+from omni_serve.default.whisper_lora import LoRAShape, add_lora, save_lora
+from omni_serve.model.speech_encoder import load_whisper_checkpoint
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+IGNORE = -100
+MAX_TEXT_TOKENS = 96
+
+
+@dataclass(frozen=True)
+class TranscriberTrainConfig:
+    """LoRA shape and optimisation."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    batch_size: int = 16
+    steps: int = 600
+    checkpoint_every: int = 50
+    eval_every: int = 100
+    eval_samples: int = 64
+    seed: int = 0
+    autocast: bool = True  # bf16 autocast on CPU and GPU
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+class TranscriberTrainer:
+    """One training run in `out`, new or resumed from its checkpoint."""
+
+    def __init__(self, data: TranscriberData, whisper_path: Path, out: Path, config: TranscriberTrainConfig,
+                 device: str = "auto") -> None:
+        self.data = data
+        self.out = out
+        self.config = config
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        torch.manual_seed(config.seed)
+        dims, state = load_whisper_checkpoint(whisper_path)
+        model = Whisper(dims)
+        model.load_state_dict(state, strict=True)
+        self.shape = LoRAShape(rank=config.rank, alpha=config.alpha)
+        self.parameters = add_lora(model, self.shape)
+        self.model = model.float().to(self.device)
+        self.tokenizer: Tokenizer = whisper.tokenizer.get_tokenizer(multilingual=dims.n_vocab >= 51865)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.step = 0
+        self.train_ids = [i for i, text in enumerate(data.texts) if not is_heldout(text)]
+        self.heldout_ids = [i for i, text in enumerate(data.texts) if is_heldout(text)]
+        if not self.train_ids:
+            raise ValueError("no training clips")
+
+    @classmethod
+    def resume_or_new(cls, data: TranscriberData, whisper_path: Path, out: Path, config: TranscriberTrainConfig,
+                      resume: bool, device: str = "auto") -> TranscriberTrainer:
+        """Resuming keeps the checkpoint's shape and optimisation settings; only `steps` comes from `config`."""
+        path = out / CHECKPOINT_FILE
+        if not (resume and path.is_file()):
+            return cls(data, whisper_path, out, config, device)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        trainer = cls(data, whisper_path, out, replace(TranscriberTrainConfig(**state["config"]), steps=config.steps),
+                      device)
+        for parameter, saved in zip(trainer.parameters, state["lora"]):
+            parameter.data.copy_(saved)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step = state["step"]
+        log.info("resumed %s at step %d", path, trainer.step)
+        return trainer
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+    def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder outputs, decoder inputs and targets (IGNORE where nothing is learned)."""
+        tokenizer = self.tokenizer
+        prefix = list(tokenizer.sot_sequence_including_notimestamps)
+        sequences = [tokenizer.encode(" " + self.data.texts[i])[:MAX_TEXT_TOKENS] if self.data.texts[i] else None
+                     for i in ids]
+        length = len(prefix) + max(len(s) if s is not None else 0 for s in sequences)
+        inputs = torch.full((len(ids), length), tokenizer.eot)
+        targets = torch.full((len(ids), length), IGNORE)
+        for row, text_ids in enumerate(sequences):
+            if text_ids is None:  # no speech: the start position learns <|nospeech|>, the transcript is empty
+                inputs[row, : len(prefix)] = torch.tensor(prefix)
+                targets[row, 0] = tokenizer.no_speech
+                targets[row, len(prefix) - 1] = tokenizer.eot
+                continue
+            sequence = prefix + text_ids + [tokenizer.eot]
+            inputs[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+            targets[row, : len(sequence) - 1] = torch.tensor(sequence[1:])
+        features = self.data.features[ids].to(self.device, torch.float32)
+        return features, inputs.to(self.device), targets.to(self.device)
+
+    def loss(self, ids: list[int]) -> torch.Tensor:
+        features, inputs, targets = self.batch(ids)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
+            logits = self.model.decoder(inputs, features)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth over the planned steps."""
+        config = self.config
+        if step < config.warmup_steps:
+            return config.learning_rate * (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_step(self) -> float:
+        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        picks = torch.randint(len(self.train_ids), (min(self.config.batch_size, len(self.train_ids)),), generator=rng)
+        self.model.train()
+        loss = self.loss([self.train_ids[int(i)] for i in picks])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    @torch.inference_mode()
+    def word_error_rate(self, ids: list[int]) -> float:
+        """Greedy transcripts of held-out clips with speech against their texts."""
+        self.model.eval()
+        options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+        errors = total = 0
+        for index in ids:
+            features = self.data.features[index : index + 1].to(self.device, torch.float32)
+            heard = whisper.decode(self.model, features, options)[0].text
+            reference = words(self.data.texts[index])
+            errors += edit_distance(reference, words(heard))
+            total += len(reference)
+        return errors / max(1, total)
+
+    def evaluate(self) -> dict[str, float]:
+        ids = self.heldout_ids[: self.config.eval_samples]
+        if not ids:
+            return {}
+        self.model.eval()
+        with torch.inference_mode():
+            loss = sum(self.loss(ids[i : i + 16]).item() * len(ids[i : i + 16]) for i in range(0, len(ids), 16))
+        return {"heldout_loss": loss / len(ids), "heldout_wer": self.word_error_rate(ids)}
+
+    def save_checkpoint(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"lora": [p.detach().cpu() for p in self.parameters], "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "config": asdict(self.config)}
+        temporary = self.out / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, temporary)
+        temporary.replace(self.out / CHECKPOINT_FILE)  # a run killed while saving keeps the previous one
+
+    def record(self, entry: dict) -> None:
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / LOG_FILE).open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def run(self, max_seconds: float | None = None) -> dict[str, float]:
+        """Train up to `config.steps` (or for `max_seconds`), checkpointing; export; the last evaluation."""
+        config = self.config
+        began = time.perf_counter()
+        log.info("Whisper LoRA: %d parameters; %d train / %d held-out clips; device %s", self.parameter_count(),
+                 len(self.train_ids), len(self.heldout_ids), self.device)
+        losses: list[float] = []
+        result: dict[str, float] = {}
+        while self.step < config.steps:
+            losses.append(self.train_step())
+            last = self.step == config.steps or (max_seconds is not None and time.perf_counter() - began > max_seconds)
+            if self.step % config.eval_every == 0 or last:
+                result = {"step": self.step, "loss": sum(losses) / len(losses), **self.evaluate(),
+                          "seconds": round(time.perf_counter() - began, 1)}
+                self.record(result)
+                losses = []
+            if self.step % config.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+            if last:
+                break
+        save_lora(self.model, self.shape, self.out, {"step": self.step})
+        return result
