@@ -67,6 +67,22 @@ def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_t
                               token_embedding=config.token_embedding, token_positions=config.token_positions)
 
 
+def warmup_cosine(step: int, peak: float, warmup_steps: int, steps: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to a tenth of it over the planned `steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def append_record(out: Path, entry: dict) -> None:
+    """Log one evaluation and append it to the run folder's log.jsonl."""
+    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOG_FILE).open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
     """Levenshtein distance between two sequences (phoneme ids here, words in the quality benchmark)."""
     previous = list(range(len(hypothesis) + 1))
@@ -131,12 +147,7 @@ class Trainer:
             return self.generator(inputs).float()
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to a tenth over the planned steps."""
-        config = self.config
-        if step < config.warmup_steps:
-            return config.learning_rate * (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.config.learning_rate, self.config.warmup_steps, self.config.steps)
 
     def train_step(self) -> float:
         rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
@@ -196,10 +207,7 @@ class Trainer:
         (self.out / SHAPE_FILE).write_text(json.dumps(shape, indent=1))
 
     def record(self, entry: dict) -> None:
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / LOG_FILE).open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_record(self.out, entry)
 
     def run(self, max_seconds: float | None = None, until_step: int | None = None) -> dict[str, float]:
         """Train up to `config.steps` (or until `max_seconds` or `until_step`), checkpointing; returns the

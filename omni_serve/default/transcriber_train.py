@@ -12,9 +12,7 @@ safetensors (`whisper_lora`), which `build-default` merges into the converted Wh
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,7 +24,7 @@ import whisper
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer
 
-from omni_serve.default.ctc_train import edit_distance
+from omni_serve.default.ctc_train import append_record, edit_distance, warmup_cosine
 from omni_serve.default.transcriber_data import TranscriberData, is_heldout
 from omni_serve.default.whisper_lora import LoRAShape, add_lora, save_lora
 from omni_serve.model.speech_encoder import load_whisper_checkpoint
@@ -34,7 +32,6 @@ from omni_serve.model.speech_encoder import load_whisper_checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
 IGNORE = -100
 MAX_TEXT_TOKENS = 96
 
@@ -134,12 +131,7 @@ class TranscriberTrainer:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to a tenth over the planned steps."""
-        config = self.config
-        if step < config.warmup_steps:
-            return config.learning_rate * (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.config.learning_rate, self.config.warmup_steps, self.config.steps)
 
     def train_step(self) -> float:
         rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
@@ -186,12 +178,6 @@ class TranscriberTrainer:
         torch.save(state, temporary)
         temporary.replace(self.out / CHECKPOINT_FILE)  # a run killed while saving keeps the previous one
 
-    def record(self, entry: dict) -> None:
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / LOG_FILE).open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-
     def run(self, max_seconds: float | None = None) -> dict[str, float]:
         """Train up to `config.steps` (or for `max_seconds`), checkpointing; export; the last evaluation."""
         config = self.config
@@ -206,7 +192,7 @@ class TranscriberTrainer:
             if self.step % config.eval_every == 0 or last:
                 result = {"step": self.step, "loss": sum(losses) / len(losses), **self.evaluate(),
                           "seconds": round(time.perf_counter() - began, 1)}
-                self.record(result)
+                append_record(self.out, result)
                 losses = []
             if self.step % config.checkpoint_every == 0 or last:
                 self.save_checkpoint()
