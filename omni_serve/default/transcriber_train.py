@@ -2,9 +2,11 @@
 
 Teacher forcing as Whisper was trained: the decoder reads <|startoftranscript|> <|notimestamps|>
 and the text's tokens, and learns the text and <|endoftext|>; the start position also learns
-"no timestamps" for speech and <|nospeech|> for clips without speech, whose transcript is empty
-(<|endoftext|> at once): trained on speech alone, the adapted decoder wrote confident questions for
-white noise, which Whisper's no-speech rule (it needs a low log-probability too) then let through. Batches are drawn from a generator seeded by the step, so a
+"no timestamps" for speech and <|nospeech|> for clips without speech, whose transcript target is
+empty (<|endoftext|> at once). The adapted decoder still writes fluent text for noise (Whisper's
+decoding never ends a transcript at its first token), confidently enough to pass Whisper's
+no-speech rule, which also asks for a low log-probability; so omni-smol's config lets the
+no-speech probability, which this training makes sure, decide alone. Batches are drawn from a generator seeded by the step, so a
 resumed run takes exactly the steps an uninterrupted one would. A checkpoint (updates, optimizer,
 step) is written every `checkpoint_every` steps and at the end; the updates are exported as fp16
 safetensors (`whisper_lora`), which `build-default` merges into the converted Whisper.
