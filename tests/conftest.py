@@ -52,3 +52,28 @@ def question_audio() -> dict[str, np.ndarray]:
     from omni_serve.engine import load_audio
 
     return {q: load_audio(FIXTURES / "inputs" / f"{q}.wav") for q in QUESTIONS}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: tiny ops on a shared two-core machine ran many times
+    slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def quality_bench(monkeypatch):
+    """bench/quality.py as a module: its held-out questions and voices, which no training may use."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("quality_bench", folder / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    return bench

@@ -34,13 +34,7 @@ SMALL = TrainConfig(layers=1, hidden=32, heads=2, ffn=64, upsample_factor=4, lea
                     batch_size=3, steps=40, checkpoint_every=10, eval_every=10, autocast=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: tiny ops on a shared two-core machine ran many times slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +129,13 @@ def test_edit_distance():
     assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 5]) == 2 and edit_distance([7], [7]) == 0
 
 
-def test_training_questions_share_nothing_with_the_held_out_questions(monkeypatch):
+def test_training_questions_share_nothing_with_the_held_out_questions(quality_bench):
     """The quality benchmark's questions (and their key words) are never in (b)'s training answers."""
-    import importlib.util
     import re
-    import sys
 
-    folder = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location("quality_bench", folder / "quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
     from omni_serve.default.ctc_data import QUESTIONS
 
     words = {question: set(re.findall(r"[a-z]+", question.lower())) for question in QUESTIONS}
-    for held_out, key in bench.QUESTIONS:
+    for held_out, key in quality_bench.QUESTIONS:
         assert held_out not in QUESTIONS
         assert not [q for q, w in words.items() if key in w], f"key word {key!r} of {held_out!r} is in training"

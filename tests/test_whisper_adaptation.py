@@ -6,10 +6,8 @@ must exist); the data pipeline runs once on the real Whisper tiny.en encoder, on
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +40,7 @@ SMALL = TranscriberTrainConfig(rank=4, alpha=8.0, learning_rate=1e-2, warmup_ste
 TEXTS = ["The cat sat on the mat.", "Open the window, please.", "Where is the station?", "Seven green apples."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: tiny ops on a shared two-core machine ran many times slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
@@ -120,10 +112,10 @@ def test_training_learns_the_texts_and_when_there_is_no_speech(tiny_checkpoint, 
     trainer.train_ids = list(range(len(data)))  # a tiny set: learn all of it
     everything = list(range(len(data)))
     with torch.no_grad():
-        before = trainer.loss(everything).item()
+        before = trainer.training_loss(everything).item()
     trainer.run()
     with torch.no_grad():
-        after = trainer.loss(everything).item()
+        after = trainer.training_loss(everything).item()
     assert after < 0.1 * before, (before, after)
     assert all(min(start_probabilities(trainer, i)) > 0.5 for i in (4, 5))  # no speech, nothing written
     assert all(max(start_probabilities(trainer, i)) < 0.5 for i in range(4))
@@ -145,25 +137,11 @@ def test_resume_continues_from_the_saved_step_exactly(tiny_checkpoint, tmp_path)
         torch.testing.assert_close(a, b)
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("quality_bench_voices", BENCH / "quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        sys.modules[spec.name] = bench
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(BENCH))
-        sys.modules.pop(spec.name, None)
-    return bench
-
-
-def test_training_texts_leave_out_the_held_out_questions_and_their_key_words():
+def test_training_texts_leave_out_the_held_out_questions_and_their_key_words(quality_bench):
     options = TextOptions(sentences=400, template_questions=400)
     exclusions = Exclusions.from_file(BENCH / "heldout_questions.json")
-    bench = load_bench()
-    keys = {key for _, key in bench.QUESTIONS}
-    assert exclusions.words == keys and len(exclusions.questions) == len(bench.QUESTIONS)
+    keys = {key for _, key in quality_bench.QUESTIONS}
+    assert exclusions.words == keys and len(exclusions.questions) == len(quality_bench.QUESTIONS)
 
     def with_key(texts):
         return [t for t in texts if set(re.findall(r"[a-z]+", t.lower())) & keys]
@@ -176,8 +154,8 @@ def test_training_texts_leave_out_the_held_out_questions_and_their_key_words():
     assert training_texts(options, exclusions) == texts  # deterministic
 
 
-def test_training_voices_are_not_the_benchmarks():
-    for voice in load_bench().VOICES:
+def test_training_voices_are_not_the_benchmarks(quality_bench):
+    for voice in quality_bench.VOICES:
         variant = voice.name.partition("+")[2]
         assert variant not in TRAINING_VARIANTS, voice
     assert "en-gb-x-rp" not in TRAINING_LANGUAGES

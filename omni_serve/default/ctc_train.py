@@ -2,19 +2,15 @@
 
 The model is the published `CTCSpeechGenerator` (causal decoder layers, `upsample_factor` positions
 per LLM token, blank = unit count), optionally fed [hidden state ; chosen token's embedding] and a
-within-token position embedding. Training is plain CTC loss with AdamW; the batch of each step is
-drawn from a generator seeded by the step number, so a resumed run sees exactly the batches an
-uninterrupted one would. A checkpoint (weights, optimizer, step) is written every
-`checkpoint_every` steps and at the end; the trained decoder is exported as fp16 safetensors plus a
-json of its shape.
+within-token position embedding. Training is plain CTC loss with AdamW in the loop of
+`training_run` (seeded batches per step, so a resumed run takes exactly the steps an uninterrupted
+one would; checkpoints every `checkpoint_every` steps and at the end); the trained decoder is
+exported as fp16 safetensors plus a json of its shape.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,14 +21,11 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from omni_serve.default.ctc_data import CTCData
+from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, pick_device
 from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "ctc_decoder.safetensors"
 SHAPE_FILE = "ctc_decoder.json"
-LOG_FILE = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -67,22 +60,6 @@ def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_t
                               token_embedding=config.token_embedding, token_positions=config.token_positions)
 
 
-def warmup_cosine(step: int, peak: float, warmup_steps: int, steps: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to a tenth of it over the planned `steps`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def append_record(out: Path, entry: dict) -> None:
-    """Log one evaluation and append it to the run folder's log.jsonl."""
-    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / LOG_FILE).open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
     """Levenshtein distance between two sequences (phoneme ids here, words in the quality benchmark)."""
     previous = list(range(len(hypothesis) + 1))
@@ -94,15 +71,14 @@ def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable])
     return previous[-1]
 
 
-class Trainer:
+class Trainer(ResumableTraining):
     """One training run in `out`, new or resumed from its checkpoint."""
 
     def __init__(self, data: CTCData, out: Path, config: TrainConfig, device: str = "auto") -> None:
         self.data = data
         self.out = out
         self.config = config
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = pick_device(device)
         torch.manual_seed(config.seed)
         self.unit_count = len(data.unit_names)
         self.generator = make_generator(config, data.llm_hidden, self.unit_count, data.rope_theta).to(self.device)
@@ -123,16 +99,24 @@ class Trainer:
         if not (resume and path.is_file()):
             return cls(data, out, config, device)
         state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = replace(TrainConfig(**state["config"]), steps=config.steps)
-        trainer = cls(data, out, saved, device)
-        trainer.generator.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step = state["step"]
-        log.info("resumed %s at step %d", path, trainer.step)
+        trainer = cls(data, out, replace(TrainConfig(**state["config"]), steps=config.steps), device)
+        trainer.restore(state)
         return trainer
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.generator.parameters())
+    def trained_module(self) -> torch.nn.Module:
+        return self.generator
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self.generator.parameters())
+
+    def model_state(self) -> dict:
+        return {"model": self.generator.state_dict()}
+
+    def load_model_state(self, state: dict) -> None:
+        self.generator.load_state_dict(state["model"])
+
+    def describe(self) -> str:
+        return "CTC decoder"
 
     def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded inputs (batch, tokens, in), frame lengths, concatenated targets and their lengths."""
@@ -146,25 +130,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
             return self.generator(inputs).float()
 
-    def learning_rate(self, step: int) -> float:
-        return warmup_cosine(step, self.config.learning_rate, self.config.warmup_steps, self.config.steps)
-
-    def train_step(self) -> float:
-        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
-        picks = torch.randint(len(self.train_ids), (min(self.config.batch_size, len(self.train_ids)),), generator=rng)
-        inputs, frames, targets, target_lengths = self.batch([self.train_ids[int(i)] for i in picks])
-        self.generator.train()
+    def training_loss(self, ids: list[int]) -> torch.Tensor:
+        inputs, frames, targets, target_lengths = self.batch(ids)
         log_probs = F.log_softmax(self.logits(inputs), dim=-1).transpose(0, 1)  # (frames, batch, units + 1)
-        loss = F.ctc_loss(log_probs, targets.to(self.device), frames, target_lengths,
+        return F.ctc_loss(log_probs, targets.to(self.device), frames, target_lengths,
                           blank=self.generator.blank_id, zero_infinity=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
-        self.optimizer.step()
-        self.step += 1
-        return loss.item()
 
     @torch.no_grad()
     def phoneme_error_rate(self, ids: list[int]) -> float:
@@ -189,14 +159,6 @@ class Trainer:
             result["heldout_per"] = self.phoneme_error_rate(self.heldout_ids[:n])
         return result
 
-    def save_checkpoint(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "config": asdict(self.config)}
-        temporary = self.out / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(self.out / CHECKPOINT_FILE)  # a run killed while saving keeps the previous one
-
     def export(self) -> None:
         """fp16 weights (the checkpoint's key names) and the decoder's shape, for loading beside a model."""
         self.out.mkdir(parents=True, exist_ok=True)
@@ -205,32 +167,3 @@ class Trainer:
         shape = {**asdict(self.config), "llm_hidden": self.data.llm_hidden, "units": self.data.unit_names,
                  "rope_theta": self.data.rope_theta, "step": self.step}
         (self.out / SHAPE_FILE).write_text(json.dumps(shape, indent=1))
-
-    def record(self, entry: dict) -> None:
-        append_record(self.out, entry)
-
-    def run(self, max_seconds: float | None = None, until_step: int | None = None) -> dict[str, float]:
-        """Train up to `config.steps` (or until `max_seconds` or `until_step`), checkpointing; returns the
-        last evaluation. Stopping early keeps the planned learning-rate schedule, so a resumed run with
-        the same `steps` takes exactly the steps an uninterrupted one would."""
-        config = self.config
-        end = min(config.steps, until_step if until_step is not None else config.steps)
-        began = time.perf_counter()
-        log.info("decoder: %d parameters; %d train / %d held-out samples; device %s", self.parameter_count(),
-                 len(self.train_ids), len(self.heldout_ids), self.device)
-        losses: list[float] = []
-        result: dict[str, float] = {}
-        while self.step < end:
-            losses.append(self.train_step())
-            last = self.step == end or (max_seconds is not None and time.perf_counter() - began > max_seconds)
-            if self.step % config.eval_every == 0 or last:
-                result = {"step": self.step, "loss": sum(losses) / len(losses), **self.evaluate(),
-                          "seconds": round(time.perf_counter() - began, 1)}
-                self.record(result)
-                losses = []
-            if self.step % config.checkpoint_every == 0 or last:
-                self.save_checkpoint()
-            if last:
-                break
-        self.export()
-        return result

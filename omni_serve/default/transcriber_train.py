@@ -6,18 +6,15 @@ and the text's tokens, and learns the text and <|endoftext|>; the start position
 empty (<|endoftext|> at once). The adapted decoder still writes fluent text for noise (Whisper's
 decoding never ends a transcript at its first token), confidently enough to pass Whisper's
 no-speech rule, which also asks for a low log-probability; so omni-smol's config lets the
-no-speech probability, which this training makes sure, decide alone. Batches are drawn from a generator seeded by the step, so a
-resumed run takes exactly the steps an uninterrupted one would. A checkpoint (updates, optimizer,
-step) is written every `checkpoint_every` steps and at the end; the updates are exported as fp16
-safetensors (`whisper_lora`), which `build-default` merges into the converted Whisper.
+no-speech probability, which this training makes sure, decide alone. The loop is `training_run`'s
+(seeded batches per step, resumable, checkpoints); the updates are exported as fp16 safetensors
+(`whisper_lora`), which `build-default` merges into the converted Whisper.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,14 +23,12 @@ import whisper
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer
 
-from omni_serve.default.ctc_train import append_record, edit_distance, warmup_cosine
+from omni_serve.default.ctc_train import edit_distance
+from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, pick_device
 from omni_serve.default.transcriber_data import TranscriberData, is_heldout
 from omni_serve.default.whisper_lora import LoRAShape, add_lora, save_lora
 from omni_serve.model.speech_encoder import load_whisper_checkpoint
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
 IGNORE = -100
 MAX_TEXT_TOKENS = 96
 
@@ -60,7 +55,7 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-class TranscriberTrainer:
+class TranscriberTrainer(ResumableTraining):
     """One training run in `out`, new or resumed from its checkpoint."""
 
     def __init__(self, data: TranscriberData, whisper_path: Path, out: Path, config: TranscriberTrainConfig,
@@ -68,8 +63,7 @@ class TranscriberTrainer:
         self.data = data
         self.out = out
         self.config = config
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = pick_device(device)
         torch.manual_seed(config.seed)
         dims, state = load_whisper_checkpoint(whisper_path)
         model = Whisper(dims)
@@ -95,15 +89,27 @@ class TranscriberTrainer:
         state = torch.load(path, map_location="cpu", weights_only=False)
         trainer = cls(data, whisper_path, out, replace(TranscriberTrainConfig(**state["config"]), steps=config.steps),
                       device)
-        for parameter, saved in zip(trainer.parameters, state["lora"]):
-            parameter.data.copy_(saved)
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step = state["step"]
-        log.info("resumed %s at step %d", path, trainer.step)
+        trainer.restore(state)
         return trainer
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters)
+    def trained_module(self) -> torch.nn.Module:
+        return self.model
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self.parameters
+
+    def model_state(self) -> dict:
+        return {"lora": [p.detach().cpu() for p in self.parameters]}
+
+    def load_model_state(self, state: dict) -> None:
+        for parameter, saved in zip(self.parameters, state["lora"]):
+            parameter.data.copy_(saved)
+
+    def describe(self) -> str:
+        return "Whisper LoRA"
+
+    def export(self) -> None:
+        save_lora(self.model, self.shape, self.out, {"step": self.step})
 
     def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder outputs, decoder inputs and targets (IGNORE where nothing is learned)."""
@@ -126,28 +132,11 @@ class TranscriberTrainer:
         features = self.data.features[ids].to(self.device, torch.float32)
         return features, inputs.to(self.device), targets.to(self.device)
 
-    def loss(self, ids: list[int]) -> torch.Tensor:
+    def training_loss(self, ids: list[int]) -> torch.Tensor:
         features, inputs, targets = self.batch(ids)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
             logits = self.model.decoder(inputs, features)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-
-    def learning_rate(self, step: int) -> float:
-        return warmup_cosine(step, self.config.learning_rate, self.config.warmup_steps, self.config.steps)
-
-    def train_step(self) -> float:
-        rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
-        picks = torch.randint(len(self.train_ids), (min(self.config.batch_size, len(self.train_ids)),), generator=rng)
-        self.model.train()
-        loss = self.loss([self.train_ids[int(i)] for i in picks])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-        self.optimizer.step()
-        self.step += 1
-        return loss.item()
 
     @torch.inference_mode()
     def word_error_rate(self, ids: list[int]) -> float:
@@ -169,36 +158,5 @@ class TranscriberTrainer:
             return {}
         self.model.eval()
         with torch.inference_mode():
-            loss = sum(self.loss(ids[i : i + 16]).item() * len(ids[i : i + 16]) for i in range(0, len(ids), 16))
+            loss = sum(self.training_loss(ids[i : i + 16]).item() * len(ids[i : i + 16]) for i in range(0, len(ids), 16))
         return {"heldout_loss": loss / len(ids), "heldout_wer": self.word_error_rate(ids)}
-
-    def save_checkpoint(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {"lora": [p.detach().cpu() for p in self.parameters], "optimizer": self.optimizer.state_dict(),
-                 "step": self.step, "config": asdict(self.config)}
-        temporary = self.out / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(self.out / CHECKPOINT_FILE)  # a run killed while saving keeps the previous one
-
-    def run(self, max_seconds: float | None = None) -> dict[str, float]:
-        """Train up to `config.steps` (or for `max_seconds`), checkpointing; export; the last evaluation."""
-        config = self.config
-        began = time.perf_counter()
-        log.info("Whisper LoRA: %d parameters; %d train / %d held-out clips; device %s", self.parameter_count(),
-                 len(self.train_ids), len(self.heldout_ids), self.device)
-        losses: list[float] = []
-        result: dict[str, float] = {}
-        while self.step < config.steps:
-            losses.append(self.train_step())
-            last = self.step == config.steps or (max_seconds is not None and time.perf_counter() - began > max_seconds)
-            if self.step % config.eval_every == 0 or last:
-                result = {"step": self.step, "loss": sum(losses) / len(losses), **self.evaluate(),
-                          "seconds": round(time.perf_counter() - began, 1)}
-                append_record(self.out, result)
-                losses = []
-            if self.step % config.checkpoint_every == 0 or last:
-                self.save_checkpoint()
-            if last:
-                break
-        save_lora(self.model, self.shape, self.out, {"step": self.step})
-        return result
