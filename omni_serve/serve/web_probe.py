@@ -297,7 +297,8 @@ def silent_gaps(played: np.ndarray, reference: np.ndarray, lag: int, min_frames:
 # ScriptProcessor tap on the live player's output or on Gradio's <audio> element) as a loudness envelope.
 PROBE_JS = r"""
 (() => {
-  const probe = window.__omniProbe = { clickAt: null, soundAt: null, srcAtClick: null, frames: [], rate: null,
+  const probe = window.__omniProbe = { clickAt: null, soundAt: null, srcAtClick: null, keyAtClick: null,
+                                       frames: [], rate: null,
                                        recording: false, tapped: new WeakSet(), busy: false, answers: 0 };
   const FRAME_S = %FRAME_S%;
   let acc = 0, count = 0, frameSize = 0;
@@ -342,7 +343,8 @@ PROBE_JS = r"""
   probe.answerTime = answerTime;
   function answerTime() {
     const live = window.omniLive;
-    if (live && live.key) return live.currentTime;
+    // The previous answer's key and time stay until the Send click's script begins the new answer.
+    if (live && live.key) return live.key !== probe.keyAtClick ? live.currentTime : 0;
     const el = document.querySelector("#audio_out audio");
     if (el && el.src && el.src !== probe.srcAtClick) return el.currentTime;
     return 0;
@@ -355,6 +357,7 @@ PROBE_JS = r"""
     probe.recording = true;
     const el = document.querySelector("#audio_out audio");
     probe.srcAtClick = el ? el.src : null;
+    probe.keyAtClick = window.omniLive ? window.omniLive.key : null;
     if (probe.elementCtx) probe.elementCtx.resume();
   }, true);
   setInterval(() => {
