@@ -155,6 +155,27 @@ def test_malformed_earlier_turns_huge_seeds_and_several_choices_are_a_400(client
         client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)], n=2)
 
 
+def test_tools_are_refused_and_system_messages_left_out(client):
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV)], tools=[tool])
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    for history in ([{"role": "assistant", "content": None, "tool_calls": [call]}],
+                    [{"role": "tool", "tool_call_id": "c1", "content": "sunny"}]):
+        with pytest.raises(openai.BadRequestError, match="not supported") as bad:
+            client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q1_WAV), *history])
+        assert bad.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError, match="unknown message role 'robot'"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "robot", "content": "hi"},
+                                                                   audio_message(Q1_WAV)])
+    plain = client.chat.completions.create(model=MODEL_NAME, max_tokens=8, seed=3, messages=[audio_message(Q2_WAV)])
+    with_system = client.chat.completions.create(model=MODEL_NAME, max_tokens=8, seed=3, messages=[
+        {"role": "system", "content": "Answer in French."}, {"role": "developer", "content": "Be brief."},
+        audio_message(Q2_WAV)])
+    assert with_system.choices[0].message.content == plain.choices[0].message.content
+    assert with_system.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_a_collected_answer_is_cancelled_when_its_client_leaves():
     """Without a stream nothing is sent until the end, so the client's leaving is watched for."""
     closed = asyncio.Event()

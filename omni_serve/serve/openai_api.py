@@ -77,8 +77,12 @@ class AssistantAudio(BaseModel):
     transcript: str | None = None
 
 
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+TOOL_ROLES = frozenset({"tool", "function"})
+
+
 class Message(BaseModel):
-    """One chat message; fields this API does not use (name, tool_calls, ...) are accepted and ignored."""
+    """One chat message; fields this API does not use (name, ...) are accepted and ignored, tool calls refused."""
 
     model_config = ConfigDict(extra="allow")
     role: str
@@ -98,6 +102,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     seed: Seed | None = None
     n: Literal[1] = Field(1, description="one choice per request: several would each need a generation")
+    # Named so that a request relying on them is refused rather than answered as if they were not there.
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
 
 
 class OpenAIError(Exception):
@@ -150,7 +157,22 @@ class TranscriptStore:
 
 
 def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStore) -> GenerateRequest:
-    """Translate OpenAI messages: alternating user/assistant turns, the last one from the user."""
+    """Translate OpenAI messages: alternating user/assistant turns, the last one from the user.
+
+    System and developer messages are left out (LLaMA-Omni models keep the system prompt they were
+    trained with); anything about tools is refused: these models cannot call them, and an answer that
+    silently skipped a tool's result would look right and be wrong.
+    """
+    if body.tools or body.functions:
+        raise OpenAIError(400, "tools are not supported: this model answers in speech and text only",
+                          "unsupported_parameter", "tools" if body.tools else "functions")
+    for message in body.messages:
+        if message.role not in KNOWN_ROLES:
+            raise OpenAIError(400, f"unknown message role {message.role!r}; use one of "
+                              + ", ".join(sorted(KNOWN_ROLES)), "invalid_messages", "messages")
+        if message.role in TOOL_ROLES or getattr(message, "tool_calls", None) or getattr(message, "function_call", None):
+            raise OpenAIError(400, "tool calls and tool results are not supported: this model cannot call tools",
+                              "unsupported_parameter", "messages")
     turns = [m for m in body.messages if m.role in ("user", "assistant")]
     if not turns or turns[-1].role != "user":
         raise OpenAIError(400, "the last message must come from the user", "invalid_messages", "messages")
