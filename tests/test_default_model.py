@@ -20,6 +20,7 @@ from whisper.normalizers import EnglishTextNormalizer
 from omni_serve.default.build import (
     CHECKPOINT_DIR,
     SPEECH_ENCODER_FILE,
+    WHISPER_ADAPTATION_STRENGTH,
     Sources,
     build_default,
     chat_template_spec,
@@ -117,11 +118,12 @@ def test_whisper_is_the_shipped_one_plus_the_trained_adaptation(built_dir, tmp_p
     _, shipped = load_whisper_checkpoint(convert_base_whisper(tmp_path))
     changed = {key for key in built if not torch.equal(built[key], shipped[key])}
     assert changed == {f"{name}.weight" for name in decoder_target_names(dims.n_text_layer)}
-    expected = merge_lora(shipped, CHECKPOINT_DIR)
+    expected = merge_lora(shipped, CHECKPOINT_DIR, WHISPER_ADAPTATION_STRENGTH)
     for key in changed:
         torch.testing.assert_close(built[key], expected[key])
     adaptation = json.loads((built_dir / "config.json").read_text())["omni_serve"]["transcription"]["whisper_adaptation"]
     assert adaptation["step"] > 0 and adaptation["rank"] == json.loads((CHECKPOINT_DIR / LORA_SHAPE_FILE).read_text())["rank"]
+    assert adaptation["merge_strength"] == WHISPER_ADAPTATION_STRENGTH
 
 
 def test_everyday_words_are_whole_words(built_dir):

@@ -6,6 +6,7 @@ must exist); the data pipeline runs once on the real Whisper tiny.en encoder, on
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -86,6 +87,25 @@ def test_merged_checkpoint_computes_what_the_adapted_model_computes(tiny_checkpo
     assert len(changed) == TINY.n_text_layer * 10  # every linear layer of every decoder block
 
 
+def test_merge_strength_moves_part_of_the_way_to_the_adaptation(tiny_checkpoint, tmp_path):
+    model = Whisper(TINY)
+    model.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"])
+    trainable = add_lora(model, LoRAShape(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.copy_((torch.randn_like(parameter) * 0.2).half().float())
+    save_lora(model, LoRAShape(rank=2, alpha=4.0), tmp_path / "lora", {})
+    state = torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"]
+    full, half = merge_lora(state, tmp_path / "lora"), merge_lora(state, tmp_path / "lora", 0.5)
+    none = merge_lora(state, tmp_path / "lora", 0.0)
+    assert none.keys() == state.keys() and any(not torch.equal(full[key], state[key]) for key in state)
+    for key in state:
+        torch.testing.assert_close(half[key].float(), (state[key].float() + full[key].float()) / 2, atol=1e-3, rtol=0)
+        assert torch.equal(none[key], state[key])
+    with pytest.raises(ValueError, match="strength"):
+        merge_lora(state, tmp_path / "lora", 1.5)
+
+
 def test_merge_refuses_updates_made_for_another_shape(tiny_checkpoint, tmp_path):
     other = Whisper(ModelDimensions(**{**TINY.__dict__, "n_text_state": 48}))
     add_lora(other, LoRAShape(rank=2))
@@ -155,10 +175,19 @@ def test_training_texts_leave_out_the_held_out_questions_and_their_key_words(qua
 
 
 def test_training_voices_are_not_the_benchmarks(quality_bench):
+    # the dev sets on which the front end's settings were chosen (bench/transcription.py)
+    dev_sets = json.loads((BENCH / "transcription_dev.json").read_text())
     for voice in quality_bench.VOICES:
         variant = voice.name.partition("+")[2]
         assert variant not in TRAINING_VARIANTS, voice
     assert "en-gb-x-rp" not in TRAINING_LANGUAGES
+    for voice in dev_sets["voices"]:
+        assert voice["name"].partition("+")[2] not in TRAINING_VARIANTS, voice
+    held_out = {question for question, _ in quality_bench.QUESTIONS}
+    assert len(dev_sets["dev"]) == 22 and len(dev_sets["unseen_words"]) == 30
+    assert held_out.isdisjoint(dev_sets["dev"] + dev_sets["unseen_words"])
+    # unseen words are meant to be unseen by training, not the benchmark's own key words
+    assert all(Exclusions.from_file(BENCH / "heldout_questions.json").allows(question) for question in dev_sets["unseen_words"])
 
 
 def test_training_clips_are_speech_or_clearly_not():

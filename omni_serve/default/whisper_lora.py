@@ -4,7 +4,7 @@ Whisper tiny.en mishears espeak-ng's voices (the quality benchmark's questions a
 them, and so is any demo that synthesises its input). Training low-rank updates of the decoder's
 linear layers on espeak speech (`transcriber_train`) adapts it in about half a megabyte of weights
 while the encoder, embeddings and norms stay Whisper's own. At build time the updates are merged
-into the converted checkpoint (W + scale * B @ A), so the model folder holds an ordinary
+into the converted checkpoint (W + strength * scale * B @ A), so the model folder holds an ordinary
 openai-whisper checkpoint and serving needs no LoRA code at all.
 """
 
@@ -91,16 +91,23 @@ def save_lora(model: Whisper, shape: LoRAShape, folder: Path, extra: dict) -> No
     (folder / SHAPE_FILE).write_text(json.dumps({**asdict(shape), "targets": list(TARGETS), **extra}, indent=1))
 
 
-def adapt_whisper_checkpoint(checkpoint: Path, folder: Path) -> dict:
+def adapt_whisper_checkpoint(checkpoint: Path, folder: Path, strength: float = 1.0) -> dict:
     """Merge the updates in `folder` into the openai-whisper checkpoint file in place; their record."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    saved["model_state_dict"] = merge_lora(saved["model_state_dict"], folder)
+    saved["model_state_dict"] = merge_lora(saved["model_state_dict"], folder, strength)
     torch.save(saved, checkpoint)
-    return json.loads((folder / SHAPE_FILE).read_text())
+    return {**json.loads((folder / SHAPE_FILE).read_text()), "merge_strength": strength}
 
 
-def merge_lora(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """`state` (an openai-whisper state dict) with the updates in `folder` added to its weights."""
+def merge_lora(state: dict[str, torch.Tensor], folder: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """`state` (an openai-whisper state dict) with `strength` x the updates in `folder` added to its weights.
+
+    A strength below 1 moves the merged model part of the way from Whisper to the trained adaptation:
+    the updates were fitted to a few thousand synthetic clips, and less than all of them can
+    generalise better to unseen voices (see `build.WHISPER_ADAPTATION_STRENGTH`).
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"the merge strength must lie in [0, 1], got {strength}")
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / SHAPE_FILE).is_file():
         raise CheckpointError(f"no Whisper adaptation ({WEIGHTS_FILE}, {SHAPE_FILE}) in {folder}")
     record = json.loads((folder / SHAPE_FILE).read_text())
@@ -114,7 +121,7 @@ def merge_lora(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.
         weight = f"{name}.weight"
         if weight not in merged:
             raise CheckpointError(f"the Whisper adaptation updates {name}, which the checkpoint lacks")
-        update = tensors[f"{name}.lora_b"].float() @ tensors[key].float() * shape.scale
+        update = tensors[f"{name}.lora_b"].float() @ tensors[key].float() * (shape.scale * strength)
         if update.shape != merged[weight].shape:
             raise CheckpointError(f"the Whisper adaptation of {name} has shape {tuple(update.shape)}, "
                                   f"the checkpoint's {tuple(merged[weight].shape)}")
