@@ -12,7 +12,9 @@ transcripts (the typed question, capitals and mark included), word error rate, a
 transcription (beam 10 with LLM rescoring, as served). Also per strength, the no-speech rule the
 default serves with: how many of 4 clips without speech (white noise, a hum, silence) are refused,
 and the highest no-speech probability among the dev questions spoken quietly (peak 0.1), which must
-stay below the rule's threshold.
+stay below the rule's threshold. And, since no training used people's voices: on the four recordings
+of people speaking that Gradio ships (`gradio/media_assets/audio`, film lines), how many words of each
+strength's transcript differ from Whisper as shipped (trained on people's speech, so the reference here).
 
     python bench/transcription.py [--quick] [--json] [--strengths 0,0.5,1]
 """
@@ -34,6 +36,7 @@ from quality import espeak, words
 from omni_serve.default.build import CHECKPOINT_DIR, WHISPER_ADAPTATION_STRENGTH, build_default, convert_base_whisper
 from omni_serve.default.ctc_train import edit_distance
 from omni_serve.default.whisper_lora import merge_lora
+from omni_serve.model.audio import load_audio
 from omni_serve.model.errors import AudioError
 from omni_serve.model.loader import load_model
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
@@ -55,20 +58,34 @@ def non_speech_clips() -> dict[str, np.ndarray]:
             "silence": np.zeros(32_000, dtype=np.float32)}
 
 
+def human_recordings() -> dict[str, np.ndarray]:
+    """Recordings of people that the gradio package ships (empty if a Gradio release drops them)."""
+    import gradio
+
+    folder = Path(gradio.__file__).parent / "media_assets" / "audio"
+    names = ("cate_blanch.mp3", "cate_blanch_2.mp3", "heath_ledger.mp3", "recording1.wav")
+    return {name: load_audio(folder / name) for name in names if (folder / name).is_file()}
+
+
 def strength_state(shipped: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
     return {key: value.float() for key, value in merge_lora(shipped, CHECKPOINT_DIR, strength).items()}
 
 
-def measure(front_end, sets: dict[str, list[tuple[str, np.ndarray]]], quiet: list[np.ndarray]) -> dict:
-    figures: dict = {}
+def transcript(front_end, audio: np.ndarray) -> str:
+    try:
+        return front_end.transcribe(audio)
+    except AudioError:
+        return ""
+
+
+def measure(front_end, sets: dict[str, list[tuple[str, np.ndarray]]], quiet: list[np.ndarray],
+            people: dict[str, np.ndarray]) -> dict:
+    figures: dict = {"people": {name: transcript(front_end, audio) for name, audio in people.items()}}
     for name, items in sets.items():
         exact, errors, total, seconds = 0, 0, 0, []
         for question, audio in items:
             began = time.perf_counter()
-            try:
-                heard = front_end.transcribe(audio)
-            except AudioError:
-                heard = ""
+            heard = transcript(front_end, audio)
             seconds.append(time.perf_counter() - began)
             exact += heard == question
             errors += edit_distance(words(question), words(heard))
@@ -92,7 +109,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda parser: parser.add_argument(
         "--strengths", default=f"0,0.3,{WHISPER_ADAPTATION_STRENGTH},0.7,1",
         help="merge strengths of the Whisper adaptation to compare, comma-separated"))
-    strengths = sorted({float(value) for value in args.strengths.split(",")})
+    strengths = sorted({0.0} | {float(value) for value in args.strengths.split(",")})  # 0: the people's reference
     model = load_model(build_default(progress=not args.json))
     front_end = model.front_end
     with tempfile.TemporaryDirectory() as scratch:
@@ -101,25 +118,33 @@ def main() -> None:
     voices = VOICES[:1] if args.quick else VOICES
     sets = {name: [(question, espeak(question, voice, speed)) for voice, speed in voices for question in questions[:count]]
             for name, questions in (("dev", DEV_SETS["dev"]), ("unseen_words", DEV_SETS["unseen_words"]))}
+    people = human_recordings()
     quiet = [audio * (QUIET_PEAK / max(1e-6, float(np.abs(audio).max()))) for _, audio in sets["dev"]]
     front_end.transcribe(sets["dev"][0][1])  # warm-up
     results = {}
     for strength in strengths:
         front_end.model.load_state_dict(strength_state(shipped, strength))
-        results[strength] = measure(front_end, sets, quiet)
+        results[strength] = measure(front_end, sets, quiet, people)
+    reference = results[0.0]["people"]
+    for figures in results.values():
+        figures["people_words_changed"] = sum(edit_distance(words(reference[name]), words(heard))
+                                              for name, heard in figures["people"].items())
+    reference_words = sum(len(words(text)) for text in reference.values())
     threshold = front_end.options.no_speech_threshold
     if args.json:
         emit_json({"bench": "transcription", "no_speech_threshold": threshold, "served_strength":
-                   WHISPER_ADAPTATION_STRENGTH, "by_strength": {str(k): v for k, v in results.items()}})
+                   WHISPER_ADAPTATION_STRENGTH, "people_reference_words": reference_words,
+                   "by_strength": {str(k): v for k, v in results.items()}})
         return
     rows = [[strength, f"{r['dev']['exact']}/{r['dev']['utterances']}", r["dev"]["wer"],
              f"{r['unseen_words']['exact']}/{r['unseen_words']['utterances']}", r["unseen_words"]["wer"],
-             r["dev"]["median_s"], f"{r['non_speech_refused']}/4", r["quiet_speech_max_no_speech_prob"]]
+             r["dev"]["median_s"], f"{r['non_speech_refused']}/4", r["quiet_speech_max_no_speech_prob"],
+             f"{r['people_words_changed']}/{reference_words}"]
             for strength, r in results.items()]
     print_table(f"Transcription by Whisper adaptation strength (served: {WHISPER_ADAPTATION_STRENGTH}; "
                 f"no speech above {threshold})",
                 ["strength", "dev exact", "dev WER", "unseen exact", "unseen WER", "median s", "noise refused",
-                 "quiet speech max p(no speech)"], rows)
+                 "quiet speech max p(no speech)", "people: words changed"], rows)
     print(f"\n{machine_note()}")
 
 

@@ -51,12 +51,12 @@ LLM_RESCORING_WEIGHT = 0.5
 # quiet) its no-speech probability was at most 0.13, on white noise, a hum and silence at least 0.997, yet
 # for noise it writes fluent text above Whisper's log-probability threshold. So the probability decides alone.
 NO_SPEECH = {"probability": 0.8, "below_logprob": None}
-# How much of the trained Whisper adaptation is merged. Exact transcripts (beam 10 + rescoring) on the
-# dev set (22 questions x 3 unseen voices) and on 30 more questions whose content words no training text
-# holds ("What is a volcano?"), same voices, at strengths 0 / 0.3 / 0.5 / 0.7 / 1: dev 43 / 59 / 58 / 56 / 51
-# of 66, unseen words 49 / 76 / 76 / 77 / 77 of 90. Half the update generalises better than all of it (the
-# full one was fitted to 8,000 synthetic clips) and is in the middle of the plateau. Refusing noise still
-# holds at 0.5: no-speech probability >= 0.96 on white noise, a hum and silence; <= 0.24 on 110 quiet questions.
+# How much of the trained Whisper adaptation is merged (`python bench/transcription.py`: questions and voices
+# kept apart from the quality benchmark). Exact transcripts, beam 10 + rescoring, at strengths 0 / 0.3 / 0.5 /
+# 0.7 / 1: dev 43 / 59 / 58 / 56 / 51 of 66; questions whose content words no training text holds ("What is
+# a tornado?") 47 / 77 / 78 / 79 / 77 of 90. Part of the update generalises better than all of it (the full
+# one was fitted to 8,000 synthetic clips); 0.5 is the middle of the plateau. Noise is still refused at 0.5
+# (no-speech probability >= 0.96 on white noise, a hum and silence; <= 0.21 on 66 quiet questions).
 WHISPER_ADAPTATION_STRENGTH = 0.5
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question in one or two short sentences."
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / MODEL_NAME
