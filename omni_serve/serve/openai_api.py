@@ -168,8 +168,8 @@ def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStor
                           "unsupported_parameter", "tools" if body.tools else "functions")
     for message in body.messages:
         if message.role not in KNOWN_ROLES:
-            raise OpenAIError(400, f"unknown message role {message.role!r}; use one of "
-                              + ", ".join(sorted(KNOWN_ROLES)), "invalid_messages", "messages")
+            raise OpenAIError(400, f"unknown message role {message.role!r}; this API takes system, developer, "
+                              "user and assistant messages", "invalid_messages", "messages")
         if message.role in TOOL_ROLES or getattr(message, "tool_calls", None) or getattr(message, "function_call", None):
             raise OpenAIError(400, "tool calls and tool results are not supported: this model cannot call tools",
                               "unsupported_parameter", "messages")
