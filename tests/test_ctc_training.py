@@ -6,6 +6,7 @@ Everything runs on the tiny random reference model and a decoder of a few thousa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from omni_serve.default.ctc_data import (
     DataOptions,
     HiddenStateCapture,
     save_samples,
+    vocabulary_texts,
 )
 from omni_serve.default.ctc_train import (
     CHECKPOINT_FILE,
@@ -123,6 +125,31 @@ def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "4", "--resume"]) == 0
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 4
+
+
+def test_data_files_join_into_one(fixture_model, data_file, tmp_path):
+    """`train --data a b`: the joined data holds each file's samples unchanged, in order."""
+    capture = HiddenStateCapture(fixture_model, DataOptions(max_tokens=64))
+    other = tmp_path / "other.safetensors"
+    save_samples(capture.collect(["A zebra quietly crossed the road.", "Seven violins played."]), other, fixture_model)
+    parts = [CTCData.load(data_file), CTCData.load(other)]
+    joined = CTCData.load_all([data_file, other])
+    assert len(joined) == 5
+    pairs = [(part, index) for part in parts for index in range(len(part))]
+    for joined_index, (part, index) in enumerate(pairs):
+        torch.testing.assert_close(joined.inputs(joined_index, True), part.inputs(index, True), rtol=0, atol=0)
+        assert torch.equal(joined.unit_targets(joined_index), part.unit_targets(index))
+        assert torch.equal(joined.token_ids[joined.tokens(joined_index)], part.token_ids[part.tokens(index)])
+
+
+def test_vocabulary_texts_hold_every_word_as_often_as_asked():
+    words = ["apple", "river", "Tokyo", "violin", "pencil", "March"]
+    texts = vocabulary_texts(words, per_word=2, seed=3)
+    assert len(texts) == 4 and texts == vocabulary_texts(words, per_word=2, seed=3)
+    spoken = [word.lower() for text in texts for word in re.findall(r"[A-Za-z]+", text)]
+    for word in words:
+        assert spoken.count(word.lower()) == 2, word
+    assert all(text[0].isupper() and text[-1] in ".?" for text in texts)
 
 
 def test_edit_distance():

@@ -130,7 +130,7 @@ def test_everyday_words_are_whole_words(built_dir):
     """The Whisper adaptation's everyday vocabulary keeps common words and drops BPE fragments."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from omni_serve.default.transcriber_data import everyday_words
+    from omni_serve.default.transcriber_data import NAME, everyday_words
 
     llm = LlamaForCausalLM.from_pretrained(built_dir, dtype=torch.float32).eval()
     words = everyday_words(llm, AutoTokenizer.from_pretrained(built_dir), whisper.tokenizer.get_tokenizer(False),
@@ -138,6 +138,9 @@ def test_everyday_words_are_whole_words(built_dir):
     assert len(words) > 600 and all(w.isalpha() and w.islower() for w in words)
     assert {"people", "water", "house"} <= set(words)
     assert not {"comp", "wor", "dis", "res", "app", "cont"} & set(words)  # whole-word tokens that are fragments
+    names = everyday_words(llm, AutoTokenizer.from_pretrained(built_dir), whisper.tokenizer.get_tokenizer(False),
+                           max_candidates=600, pattern=NAME)  # what generator (b)'s vocabulary texts add
+    assert all(w[0].isupper() and w[1:].islower() for w in names) and {"John", "America", "September"} <= set(names)
 
 
 def test_prompt_is_the_chat_template(smol):

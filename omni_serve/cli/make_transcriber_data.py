@@ -29,17 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
 
 
-def load_everyday_words(model_path: str | None) -> list[str]:
+def load_everyday_words(model_path: str | None, patterns: tuple[str, ...] | None = None) -> list[str]:
+    """Everyday words (and, with `patterns`, other kinds of whole words) of the built model's LLM."""
     import torch
     import whisper
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from omni_serve.default.transcriber_data import everyday_words
+    from omni_serve.default.transcriber_data import EVERYDAY_WORD, everyday_words
 
     if not model_path:
         raise SystemExit("--everyday-questions needs --model-path (a built omni-smol folder)")
     llm = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    return everyday_words(llm, AutoTokenizer.from_pretrained(model_path), whisper.tokenizer.get_tokenizer(False))
+    tokenizer, whisper_tokenizer = AutoTokenizer.from_pretrained(model_path), whisper.tokenizer.get_tokenizer(False)
+    return [word for pattern in patterns or (EVERYDAY_WORD,)
+            for word in everyday_words(llm, tokenizer, whisper_tokenizer, pattern=pattern)]
 
 
 def run(args: argparse.Namespace) -> int:

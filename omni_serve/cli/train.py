@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from omni_serve.default.ctc_train import TrainConfig
 
     defaults = TrainConfig()
-    parser.add_argument("--data", required=True, help="file written by make-data")
+    parser.add_argument("--data", required=True, nargs="+", help="files written by make-data (joined)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, exported decoder")
     parser.add_argument("--layers", type=int, default=defaults.layers)
     parser.add_argument("--hidden", type=int, default=defaults.hidden)
@@ -35,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
                          upsample_factor=args.upsample, token_embedding=not args.hidden_only, **run_fields(args))
-    trainer = Trainer.resume_or_new(CTCData.load(Path(args.data)), Path(args.out), config, args.resume, args.device)
+    trainer = Trainer.resume_or_new(CTCData.load_all([Path(path) for path in args.data]), Path(args.out), config, args.resume, args.device)
     return train_and_report(trainer, args)

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import logging
+import random
 import re
 import time
 import zlib
@@ -109,6 +110,32 @@ def docstring_texts(limit: int) -> list[str]:
                     texts.append(text)
                     if len(texts) >= limit:
                         return texts
+    return texts
+
+
+# Plain sentences with three word slots: each vocabulary word is read in an ordinary sentence.
+VOCABULARY_TEMPLATES = (
+    "The {a} was next to the {b} and the {c}.", "I saw a {a}, a {b} and a {c} today.",
+    "We talked about {a}, {b} and {c}.", "Is {a} more like {b} or {c}?", "She wrote {a}, then {b}, then {c}.",
+    "There is {a} here, {b} over there and {c} at home.",
+)
+
+
+def vocabulary_texts(words: list[str], per_word: int, seed: int) -> list[str]:
+    """Sentences in which every one of `words` appears `per_word` times, three words to a sentence.
+
+    A speech decoder learns how a token sounds only from text that holds it: the docstrings and the
+    LLM's answers to a few questions leave most everyday words and names unheard, and generator (b)
+    speaks those as noise. Deterministic for a seed.
+    """
+    rng = random.Random(seed)
+    slots = [word for word in words for _ in range(per_word)]
+    rng.shuffle(slots)
+    texts = []
+    for start in range(0, len(slots) - 2, 3):
+        a, b, c = slots[start : start + 3]
+        text = rng.choice(VOCABULARY_TEMPLATES).format(a=a, b=b, c=c)
+        texts.append(text[0].upper() + text[1:])
     return texts
 
 
@@ -263,6 +290,31 @@ class CTCData:
     unit_names: list[str]
     llm_hidden: int
     rope_theta: float
+
+    @classmethod
+    def load_all(cls, paths: list[Path]) -> CTCData:
+        """Several data files made from the same model, as one."""
+        parts = [cls.load(path) for path in paths]
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.unit_names, part.llm_hidden, part.rope_theta) != (first.unit_names, first.llm_hidden, first.rope_theta):
+                raise ValueError("data files made with different units or models cannot be joined")
+        embed_ids, order = torch.unique(torch.cat([p.embed_ids for p in parts]), return_inverse=True)
+        rows = torch.empty((len(embed_ids), first.embed_rows.shape[1]), dtype=first.embed_rows.dtype)
+        rows[order] = torch.cat([p.embed_rows for p in parts])
+
+        def offsets(name: str, totals: str) -> torch.Tensor:
+            base, joined = 0, [torch.zeros(1, dtype=torch.int64)]
+            for part in parts:
+                joined.append(getattr(part, name)[1:] + base)
+                base += len(getattr(part, totals))
+            return torch.cat(joined)
+
+        return cls(hidden=torch.cat([p.hidden for p in parts]), token_ids=torch.cat([p.token_ids for p in parts]),
+                   units=torch.cat([p.units for p in parts]), token_offsets=offsets("token_offsets", "token_ids"),
+                   unit_offsets=offsets("unit_offsets", "units"), heldout=torch.cat([p.heldout for p in parts]),
+                   embed_ids=embed_ids, embed_rows=rows, unit_names=first.unit_names, llm_hidden=first.llm_hidden,
+                   rope_theta=first.rope_theta)
 
     @classmethod
     def load(cls, path: Path) -> CTCData:

@@ -125,9 +125,13 @@ def training_texts(options: TextOptions, exclusions: Exclusions, everyday: list[
     return texts
 
 
+EVERYDAY_WORD = r" [a-z]{3,14}"  # a Whisper token piece that is a lower-case word
+NAME = r" [A-Z][a-z]{2,13}"  # ... or a capitalised one: names of people, places, months
+
+
 @torch.inference_mode()
 def everyday_words(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, whisper_tokenizer: Tokenizer,
-                   threshold: float = 0.6, max_candidates: int | None = None) -> list[str]:
+                   threshold: float = 0.6, max_candidates: int | None = None, pattern: str = EVERYDAY_WORD) -> list[str]:
     """Common English words: lower-case whole-word tokens of Whisper's vocabulary (ordered by BPE merge
     rank, so roughly by frequency) that are whole-word tokens of the LLM's too, and after which the LLM
     expects a new word or punctuation (which tells "bicycle" from fragments such as "langu").
@@ -138,7 +142,7 @@ def everyday_words(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, whi
     candidates = []
     for token in range(256, encoding.n_vocab - 1):
         piece = encoding.decode([token])
-        if re.fullmatch(r" [a-z]{3,14}", piece):
+        if re.fullmatch(pattern, piece):
             ids = tokenizer(piece, add_special_tokens=False).input_ids
             if len(ids) == 1:
                 candidates.append((piece[1:], ids[0]))
