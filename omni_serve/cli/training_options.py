@@ -4,10 +4,13 @@ optimisation, schedule of evaluations and checkpoints, time limit, device and th
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from omni_serve.default.training_run import RunSettings
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any, threads: int, threads_help: str) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings, threads: int, threads_help: str) -> None:
     """`defaults`: the trainer's config dataclass, whose values become the options' defaults."""
     parser.add_argument("--steps", type=int, default=defaults.steps, help="total steps (a resumed run counts on)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from omni_serve.default.ctc_data import CTCData
-from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, pick_device
+from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
 from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse
 
 WEIGHTS_FILE = "ctc_decoder.safetensors"
@@ -29,8 +29,8 @@ SHAPE_FILE = "ctc_decoder.json"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Decoder shape and optimisation; the defaults are the CPU experiment's 1.75M-parameter decoder."""
+class TrainConfig(RunSettings):
+    """Decoder shape (and `RunSettings`' optimisation); the defaults are the CPU experiment's 1.75M-parameter decoder."""
 
     layers: int = 3
     hidden: int = 256
@@ -39,16 +39,6 @@ class TrainConfig:
     upsample_factor: int = 10
     token_embedding: bool = True
     token_positions: bool = True
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    batch_size: int = 16
-    steps: int = 1000
-    checkpoint_every: int = 100
-    eval_every: int = 100
-    eval_samples: int = 200
-    seed: int = 0
-    autocast: bool = True  # bf16 autocast: 1.5x faster on this CPU, and the GPU default
 
 
 def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_theta: float) -> CTCSpeechGenerator:

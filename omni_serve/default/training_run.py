@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,29 @@ def append_record(out: Path, entry: dict) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """Optimisation and schedule that every trainer has; each trainer's config adds what it trains
+    (and sets the defaults that suit it)."""
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    batch_size: int = 16
+    steps: int = 1000
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    eval_samples: int = 200
+    seed: int = 0
+    autocast: bool = True  # bf16 autocast: 1.5x faster on this CPU, and the GPU default
+
+
 class ResumableTraining:
-    """One run in `out`. Subclasses set `config` (seed, batch_size, steps, learning_rate, warmup_steps,
-    eval_every, checkpoint_every), `optimizer`, `train_ids`, `heldout_ids` and `device`, and implement
-    the methods below that raise NotImplementedError."""
+    """One run in `out`. Subclasses set `config`, `optimizer`, `train_ids`, `heldout_ids` and `device`,
+    and implement the methods below that raise NotImplementedError."""
 
     out: Path
-    config: Any
+    config: RunSettings
     optimizer: torch.optim.Optimizer
     train_ids: list[int]
     heldout_ids: list[int]

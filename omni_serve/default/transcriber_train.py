@@ -24,7 +24,7 @@ from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer
 
 from omni_serve.default.ctc_train import edit_distance
-from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, pick_device
+from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
 from omni_serve.default.transcriber_data import TranscriberData, is_heldout
 from omni_serve.default.whisper_lora import LoRAShape, add_lora, save_lora
 from omni_serve.model.speech_encoder import load_whisper_checkpoint
@@ -34,21 +34,15 @@ MAX_TEXT_TOKENS = 96
 
 
 @dataclass(frozen=True)
-class TranscriberTrainConfig:
-    """LoRA shape and optimisation."""
+class TranscriberTrainConfig(RunSettings):
+    """LoRA shape (and `RunSettings`' optimisation, with shorter defaults)."""
 
     rank: int = 16
     alpha: float = 32.0
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
     warmup_steps: int = 30
-    batch_size: int = 16
     steps: int = 600
     checkpoint_every: int = 50
-    eval_every: int = 100
     eval_samples: int = 64
-    seed: int = 0
-    autocast: bool = True  # bf16 autocast on CPU and GPU
 
 
 def words(text: str) -> list[str]:
