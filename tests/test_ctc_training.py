@@ -1,16 +1,20 @@
 """The learned unit generator (b)'s pipeline: make-data alignment, CTC training, resume, and the
-generator's token-embedding option (streaming must equal the full pass that training uses).
+generator's token-embedding and token-spelling options (streaming must equal the full pass that
+training uses).
 
 Everything runs on the tiny random reference model and a decoder of a few thousand parameters.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, MODEL_DIR
 
 from omni_serve.cli import SUBCOMMANDS, main
 from omni_serve.default.ctc_data import (
@@ -28,12 +32,13 @@ from omni_serve.default.ctc_train import (
     Trainer,
     edit_distance,
 )
-from omni_serve.model.ctc_generator import DecoderCache
+from omni_serve.model.ctc_generator import DecoderCache, token_spellings
 from omni_serve.model.espeak import EspeakSettings, phonemizer_for
 
 TEXTS = ["The cat sat on the mat.", "It is a sunny day in the park.", "Please read this short sentence aloud."]
 SMALL = TrainConfig(layers=1, hidden=32, heads=2, ffn=64, upsample_factor=4, learning_rate=3e-3, warmup_steps=1,
                     batch_size=3, steps=40, checkpoint_every=10, eval_every=10, autocast=False)
+SPELLING = TrainConfig(**{**SMALL.__dict__, "token_spelling": 6})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,22 +104,67 @@ def test_resume_continues_from_the_saved_step_exactly(data_file, tmp_path):
     assert {CHECKPOINT_FILE, WEIGHTS_FILE, SHAPE_FILE} <= {p.name for p in (tmp_path / "part").iterdir()}
 
 
-def replace_steps(steps: int) -> TrainConfig:
+def replace_steps(steps: int, config: TrainConfig = SMALL) -> TrainConfig:
     from dataclasses import replace
 
-    return replace(SMALL, steps=steps)
+    return replace(config, steps=steps)
 
 
-def test_token_embedding_decoder_streams_like_its_full_pass(data_file):
+@pytest.mark.parametrize("config", [SMALL, SPELLING], ids=["embedding", "embedding+spelling"])
+def test_decoder_streams_like_its_full_pass(fixture_model, data_file, config):
     data = CTCData.load(data_file)
-    generator = Trainer(data, Path("unused"), SMALL, device="cpu").generator.eval()
+    generator = Trainer(data, Path("unused"), config, device="cpu", tokenizer=fixture_model.tokenizer).generator.eval()
     inputs = data.inputs(0, token_embedding=True).unsqueeze(0)
+    ids = data.token_ids[data.tokens(0)].unsqueeze(0)
     with torch.inference_mode():
-        full = generator(inputs)
+        full = generator(inputs, token_ids=ids)
         cache = DecoderCache()
-        steps = torch.cat([generator(inputs[:, i : i + 1], cache) for i in range(inputs.shape[1])], dim=1)
+        steps = torch.cat([generator(inputs[:, i : i + 1], cache, token_ids=ids[:, i : i + 1])
+                           for i in range(inputs.shape[1])], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
-    assert full.shape == (1, inputs.shape[1] * SMALL.upsample_factor, len(data.unit_names) + 1)
+    assert full.shape == (1, inputs.shape[1] * config.upsample_factor, len(data.unit_names) + 1)
+
+
+def test_decoder_is_trained_with_the_rope_it_is_served_with(fixture_model, data_file):
+    """The fixture LLM has llama3 rope scaling; a decoder trained on its hidden states must rotate
+    positions as the loaded model's decoder does (same head size here)."""
+    served = fixture_model.network.speech_generator
+    trained = Trainer(CTCData.load(data_file), Path("unused"), SMALL, device="cpu").generator
+    assert fixture_model.config.llm.rope_parameters["rope_type"] == "llama3"
+    torch.testing.assert_close(trained.inv_freq, served.inv_freq)
+    assert trained.rope_scaling == served.rope_scaling
+
+
+def test_token_spellings_hold_each_tokens_lower_cased_characters(fixture_model):
+    tokenizer = fixture_model.tokenizer
+    table = token_spellings(tokenizer, len(tokenizer) + 3, 6)
+    assert table.shape == (len(tokenizer) + 3, 6) and not table[len(tokenizer):].any()
+    pieces = []
+    for token_id in tokenizer(" Cat sat quietly", add_special_tokens=False).input_ids:
+        row = table[token_id]
+        pieces.append(bytes(int(c) - 1 for c in row[row > 0]))
+    assert b"".join(pieces) == b" cat sat quietly" and all(0 < len(piece) <= 6 for piece in pieces)
+    long_word = tokenizer(" Extraordinarily", add_special_tokens=False).input_ids
+    assert all(int((table[i] > 0).sum()) == min(6, len(tokenizer.decode([i]).encode())) for i in long_word)
+
+
+def test_spelling_decoder_reads_the_chosen_tokens_characters(fixture_model, data_file):
+    """Changing one token's spelling changes the units from that token on, and none before it."""
+    data = CTCData.load(data_file)
+    generator = Trainer(data, Path("unused"), SPELLING, device="cpu", tokenizer=fixture_model.tokenizer).generator.eval()
+    inputs = data.inputs(1, token_embedding=True).unsqueeze(0)
+    ids = data.token_ids[data.tokens(1)].unsqueeze(0)
+    changed = 3
+    with torch.inference_mode():
+        before = generator(inputs, token_ids=ids)
+        generator.spellings[ids[0, changed]] = torch.tensor([ord(c) + 1 for c in " zebra"])
+        after = generator(inputs, token_ids=ids)
+    boundary = changed * SPELLING.upsample_factor
+    torch.testing.assert_close(after[:, :boundary], before[:, :boundary])
+    assert not torch.allclose(after[:, boundary : boundary + SPELLING.upsample_factor],
+                              before[:, boundary : boundary + SPELLING.upsample_factor])
+    with pytest.raises(ValueError, match="token_ids"):
+        generator(inputs)
 
 
 def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
@@ -125,6 +175,18 @@ def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "4", "--resume"]) == 0
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 4
+
+
+def test_train_command_makes_a_spelling_decoder_with_the_models_tokenizer(data_file, tmp_path):
+    common = ["train", "--data", str(data_file), "--out", str(tmp_path), "--layers", "1", "--hidden", "32",
+              "--heads", "2", "--ffn", "64", "--upsample", "4", "--eval-every", "2", "--checkpoint-every", "2",
+              "--no-autocast", "--device", "cpu", "--spelling", "6"]
+    with pytest.raises(SystemExit, match="--model-path"):
+        main(common + ["--steps", "2"])
+    assert main(common + ["--steps", "2", "--model-path", str(MODEL_DIR)]) == 0
+    assert main(common + ["--steps", "4", "--resume", "--model-path", str(MODEL_DIR)]) == 0
+    shape = json.loads((tmp_path / SHAPE_FILE).read_text())
+    assert shape["token_spelling"] == 6 and shape["step"] == 4
 
 
 def test_data_files_join_into_one(fixture_model, data_file, tmp_path):
@@ -158,11 +220,56 @@ def test_edit_distance():
 
 def test_training_questions_share_nothing_with_the_held_out_questions(quality_bench):
     """The quality benchmark's questions (and their key words) are never in (b)'s training answers."""
-    import re
-
     from omni_serve.default.ctc_data import QUESTIONS
 
     words = {question: set(re.findall(r"[a-z]+", question.lower())) for question in QUESTIONS}
     for held_out, key in quality_bench.QUESTIONS:
         assert held_out not in QUESTIONS
         assert not [q for q, w in words.items() if key in w], f"key word {key!r} of {held_out!r} is in training"
+
+
+def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_model, data_file, tmp_path):
+    """Loading spells the tokenizer's tokens for the decoder, and the engine's incremental units equal
+    one full pass of the decoder over the same answer (as in training)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from omni_serve.default.learned_decoder import attach_learned_decoder
+    from omni_serve.engine import Engine, Finished, GenerationOptions, SpeechRequest
+    from omni_serve.model.ctc_generator import ctc_collapse
+    from omni_serve.model.loader import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, folder)
+    published = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in published.items() if not k.startswith("speech_generator.")},
+              str(folder / "model.safetensors"))
+    run, data = tmp_path / "run", CTCData.load(data_file)
+    Trainer(data, run, replace_steps(1, SPELLING), device="cpu", tokenizer=fixture_model.tokenizer).run()
+    llm = fixture_model.config.llm
+    fields = attach_learned_decoder(folder, run, SimpleNamespace(hidden_size=llm.hidden_size, rope_theta=data.rope_theta))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields["published"])
+    config.setdefault("omni_serve", {}).update(fields["omni_serve"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+    model = load_model(folder, speech_encoder=FIXTURES / "speech_encoder" / "tiny-whisper.pt", device="cpu")
+    generator = model.network.speech_generator
+    assert model.config.ctc_token_spelling == SPELLING.token_spelling
+    assert torch.equal(generator.spellings, token_spellings(model.tokenizer, llm.vocab_size, SPELLING.token_spelling))
+    question = "Tell me about the weather."
+    engine = Engine(model)
+    try:
+        events = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=12), text=question)))
+    finally:
+        engine.close()
+    final = events[-1]
+    assert isinstance(final, Finished) and final.units
+    answer = final.token_ids[:-1] if final.stopped_on_eos else final.token_ids
+    with torch.inference_mode():
+        hidden = HiddenStateCapture(model, DataOptions()).teacher_forced(question, answer)
+        inputs = torch.cat([hidden, model.network.embed_tokens(torch.tensor(answer)).float()], dim=-1)
+        logits = generator(inputs.unsqueeze(0), token_ids=torch.tensor([answer]))
+    offline = ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)
+    assert offline and final.units[: len(offline)] == offline

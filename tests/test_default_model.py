@@ -332,7 +332,7 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
     with torch.inference_mode():
         hidden = capture.teacher_forced(QUESTION, answer)
         embeddings = model.network.embed_tokens(torch.tensor(answer)).float()
-        logits = generator(torch.cat([hidden, embeddings], dim=-1).unsqueeze(0))
+        logits = generator(torch.cat([hidden, embeddings], dim=-1).unsqueeze(0), token_ids=torch.tensor([answer]))
     offline = ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)
     assert offline and final.units[: len(offline)] == offline  # an EOS token may add units after these
 

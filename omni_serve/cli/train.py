@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffn", type=int, default=defaults.ffn)
     parser.add_argument("--upsample", type=int, default=defaults.upsample_factor, help="lambda: positions per token")
     parser.add_argument("--hidden-only", action="store_true", help="no token embedding beside the hidden state")
+    parser.add_argument("--spelling", type=int, default=defaults.token_spelling,
+                        help="characters of each chosen token the decoder reads (0: none; needs --model-path)")
+    parser.add_argument("--model-path", default=None, help="model folder that made the data (its tokenizer spells tokens)")
     add_run_arguments(parser, defaults, threads=1,
                       threads_help="CPU threads (1 by default: on a shared 2-core machine 2 threads ran 20x slower)")
 
@@ -32,8 +35,15 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from omni_serve.default.ctc_data import CTCData
     from omni_serve.default.ctc_train import TrainConfig, Trainer
+    from omni_serve.model.loader import load_tokenizer
 
     config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
-                         upsample_factor=args.upsample, token_embedding=not args.hidden_only, **run_fields(args))
-    trainer = Trainer.resume_or_new(CTCData.load_all([Path(path) for path in args.data]), Path(args.out), config, args.resume, args.device)
+                         upsample_factor=args.upsample, token_embedding=not args.hidden_only,
+                         token_spelling=args.spelling, **run_fields(args))
+    if args.spelling and not args.model_path:
+        raise SystemExit("--spelling needs --model-path: the model folder whose tokenizer made the data")
+    data = CTCData.load_all([Path(path) for path in args.data])
+    tokenizer = load_tokenizer(Path(args.model_path)) if args.model_path else None
+    trainer = Trainer.resume_or_new(data, Path(args.out), config, args.resume, args.device, tokenizer)
     return train_and_report(trainer, args)
+

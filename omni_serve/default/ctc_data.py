@@ -24,6 +24,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -268,6 +269,8 @@ def save_samples(samples: list[Sample], path: Path, model: OmniModel) -> None:
         "units": json.dumps(list(EspeakSettings().units)),
         "llm_hidden": str(llm.hidden_size),
         "rope_theta": str((llm.rope_parameters or {}).get("rope_theta", 10000.0)),
+        "rope_parameters": json.dumps(llm.rope_parameters or {}),
+        "max_position_embeddings": str(llm.max_position_embeddings),
         "model": model.name,
         "texts": json.dumps([s.text for s in samples]),
     }
@@ -290,6 +293,8 @@ class CTCData:
     unit_names: list[str]
     llm_hidden: int
     rope_theta: float
+    rope_parameters: dict[str, Any]  # the LLM's rope settings, which the decoder layers copy (as served)
+    max_position_embeddings: int
 
     @classmethod
     def load_all(cls, paths: list[Path]) -> CTCData:
@@ -297,7 +302,7 @@ class CTCData:
         parts = [cls.load(path) for path in paths]
         first = parts[0]
         for part in parts[1:]:
-            if (part.unit_names, part.llm_hidden, part.rope_theta) != (first.unit_names, first.llm_hidden, first.rope_theta):
+            if (part.unit_names, part.llm_hidden, part.rope_parameters) != (first.unit_names, first.llm_hidden, first.rope_parameters):
                 raise ValueError("data files made with different units or models cannot be joined")
         embed_ids, order = torch.unique(torch.cat([p.embed_ids for p in parts]), return_inverse=True)
         rows = torch.empty((len(embed_ids), first.embed_rows.shape[1]), dtype=first.embed_rows.dtype)
@@ -314,7 +319,8 @@ class CTCData:
                    units=torch.cat([p.units for p in parts]), token_offsets=offsets("token_offsets", "token_ids"),
                    unit_offsets=offsets("unit_offsets", "units"), heldout=torch.cat([p.heldout for p in parts]),
                    embed_ids=embed_ids, embed_rows=rows, unit_names=first.unit_names, llm_hidden=first.llm_hidden,
-                   rope_theta=first.rope_theta)
+                   rope_theta=first.rope_theta, rope_parameters=first.rope_parameters,
+                   max_position_embeddings=first.max_position_embeddings)
 
     @classmethod
     def load(cls, path: Path) -> CTCData:
@@ -326,7 +332,11 @@ class CTCData:
         return cls(hidden=t["hidden"], token_ids=t["token_ids"], units=t["units"], token_offsets=t["token_offsets"],
                    unit_offsets=t["unit_offsets"], heldout=t["heldout"].bool(), embed_ids=t["embed_ids"],
                    embed_rows=t["embed_rows"], unit_names=json.loads(metadata["units"]),
-                   llm_hidden=int(metadata["llm_hidden"]), rope_theta=float(metadata["rope_theta"]))
+                   llm_hidden=int(metadata["llm_hidden"]), rope_theta=float(metadata["rope_theta"]),
+                   # files made before the rope settings were recorded came from LLMs with plain rope
+                   rope_parameters=json.loads(metadata.get("rope_parameters", "{}"))
+                   or {"rope_type": "default", "rope_theta": float(metadata["rope_theta"])},
+                   max_position_embeddings=int(metadata.get("max_position_embeddings", 8192)))
 
     def __len__(self) -> int:
         return len(self.heldout)

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import LlamaConfig
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from omni_serve.default.ctc_data import CTCData
 from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
-from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse
+from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, token_spellings
 
 WEIGHTS_FILE = "ctc_decoder.safetensors"
 SHAPE_FILE = "ctc_decoder.json"
@@ -39,15 +39,21 @@ class TrainConfig(RunSettings):
     upsample_factor: int = 10
     token_embedding: bool = True
     token_positions: bool = True
+    token_spelling: int = 0  # characters of the chosen token each position reads (0: none)
 
 
-def make_generator(config: TrainConfig, llm_hidden: int, unit_count: int, rope_theta: float) -> CTCSpeechGenerator:
+def make_generator(config: TrainConfig, data: CTCData) -> CTCSpeechGenerator:
+    """The decoder's layers take the LLM's rope settings (llama3 scaling for the published model), as
+    `OmniConfig.ctc_layer_config` gives them when the trained decoder is served."""
     layer_config = LlamaConfig(hidden_size=config.hidden, num_attention_heads=config.heads,
                                num_key_value_heads=config.heads, intermediate_size=config.ffn,
                                num_hidden_layers=config.layers, head_dim=config.hidden // config.heads,
-                               rope_theta=rope_theta, rms_norm_eps=1e-5)
+                               rope_parameters=dict(data.rope_parameters),
+                               max_position_embeddings=data.max_position_embeddings, rms_norm_eps=1e-5)
+    llm_hidden, unit_count = data.llm_hidden, len(data.unit_names)
     return CTCSpeechGenerator(llm_hidden, layer_config, config.upsample_factor, unit_count,
-                              token_embedding=config.token_embedding, token_positions=config.token_positions)
+                              token_embedding=config.token_embedding, token_positions=config.token_positions,
+                              token_spelling=config.token_spelling)
 
 
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
@@ -62,16 +68,22 @@ def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable])
 
 
 class Trainer(ResumableTraining):
-    """One training run in `out`, new or resumed from its checkpoint."""
+    """One training run in `out`, new or resumed from its checkpoint. `tokenizer` (the one that made
+    the data) spells tokens for a decoder that reads spellings."""
 
-    def __init__(self, data: CTCData, out: Path, config: TrainConfig, device: str = "auto") -> None:
+    def __init__(self, data: CTCData, out: Path, config: TrainConfig, device: str = "auto",
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.data = data
         self.out = out
         self.config = config
         self.device = pick_device(device)
         torch.manual_seed(config.seed)
         self.unit_count = len(data.unit_names)
-        self.generator = make_generator(config, data.llm_hidden, self.unit_count, data.rope_theta).to(self.device)
+        self.generator = make_generator(config, data).to(self.device)
+        if config.token_spelling:
+            if tokenizer is None:
+                raise ValueError("a decoder that reads token spellings needs the tokenizer that made the data")
+            self.generator.set_spellings(token_spellings(tokenizer, len(tokenizer), config.token_spelling))
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.step = 0
@@ -83,13 +95,14 @@ class Trainer(ResumableTraining):
             raise ValueError("no training samples (every sample is held out or has more units than frames)")
 
     @classmethod
-    def resume_or_new(cls, data: CTCData, out: Path, config: TrainConfig, resume: bool, device: str = "auto") -> Trainer:
+    def resume_or_new(cls, data: CTCData, out: Path, config: TrainConfig, resume: bool, device: str = "auto",
+                      tokenizer: PreTrainedTokenizerBase | None = None) -> Trainer:
         """Resuming keeps the checkpoint's shape and optimisation settings; only `steps` comes from `config`."""
         path = out / CHECKPOINT_FILE
         if not (resume and path.is_file()):
-            return cls(data, out, config, device)
+            return cls(data, out, config, device, tokenizer)
         state = torch.load(path, map_location="cpu", weights_only=False)
-        trainer = cls(data, out, replace(TrainConfig(**state["config"]), steps=config.steps), device)
+        trainer = cls(data, out, replace(TrainConfig(**state["config"]), steps=config.steps), device, tokenizer)
         trainer.restore(state)
         return trainer
 
@@ -108,21 +121,24 @@ class Trainer(ResumableTraining):
     def describe(self) -> str:
         return "CTC decoder"
 
-    def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded inputs (batch, tokens, in), frame lengths, concatenated targets and their lengths."""
+    def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded inputs (batch, tokens, in) and token ids (batch, tokens), frame lengths,
+        concatenated targets and their lengths."""
         inputs = [self.data.inputs(i, self.config.token_embedding) for i in ids]
         padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        token_ids = torch.nn.utils.rnn.pad_sequence([self.data.token_ids[self.data.tokens(i)] for i in ids], batch_first=True)
         frames = torch.tensor([len(x) * self.config.upsample_factor for x in inputs])
         targets = [self.data.unit_targets(i) for i in ids]
-        return padded.to(self.device), frames, torch.cat(targets), torch.tensor([len(t) for t in targets])
+        return (padded.to(self.device), token_ids.to(self.device), frames, torch.cat(targets),
+                torch.tensor([len(t) for t in targets]))
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def logits(self, inputs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast):
-            return self.generator(inputs).float()
+            return self.generator(inputs, token_ids=token_ids).float()
 
     def training_loss(self, ids: list[int]) -> torch.Tensor:
-        inputs, frames, targets, target_lengths = self.batch(ids)
-        log_probs = F.log_softmax(self.logits(inputs), dim=-1).transpose(0, 1)  # (frames, batch, units + 1)
+        inputs, token_ids, frames, targets, target_lengths = self.batch(ids)
+        log_probs = F.log_softmax(self.logits(inputs, token_ids), dim=-1).transpose(0, 1)  # (frames, batch, units + 1)
         return F.ctc_loss(log_probs, targets.to(self.device), frames, target_lengths,
                           blank=self.generator.blank_id, zero_infinity=True)
 
@@ -133,8 +149,8 @@ class Trainer(ResumableTraining):
         errors = total = 0
         for start in range(0, len(ids), 32):
             chunk = ids[start : start + 32]
-            inputs, frames, _, _ = self.batch(chunk)
-            best = self.logits(inputs).argmax(-1).cpu()
+            inputs, token_ids, frames, _, _ = self.batch(chunk)
+            best = self.logits(inputs, token_ids).argmax(-1).cpu()
             for row, index in enumerate(chunk):
                 units = ctc_collapse(best[row, : int(frames[row])].tolist(), self.generator.blank_id)
                 reference = self.data.unit_targets(index).tolist()
@@ -155,5 +171,5 @@ class Trainer(ResumableTraining):
         weights = {k: v.detach().half().contiguous().cpu() for k, v in self.generator.state_dict().items()}
         save_file(weights, str(self.out / WEIGHTS_FILE))
         shape = {**asdict(self.config), "llm_hidden": self.data.llm_hidden, "units": self.data.unit_names,
-                 "rope_theta": self.data.rope_theta, "step": self.step}
+                 "rope_theta": self.data.rope_theta, "rope_parameters": self.data.rope_parameters, "step": self.step}
         (self.out / SHAPE_FILE).write_text(json.dumps(shape, indent=1))

@@ -49,6 +49,7 @@ def attach_learned_decoder(folder: Path, trained: Path, llm: LlamaShape) -> dict
             "unit_generator": "ctc",
             "ctc_token_embedding": bool(shape["token_embedding"]),
             "ctc_token_positions": bool(shape["token_positions"]),
+            "ctc_token_spelling": int(shape.get("token_spelling", 0)),
             "ctc_decoder_step": shape.get("step"),
         },
     }

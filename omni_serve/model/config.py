@@ -56,6 +56,7 @@ class OmniConfig:
     vocoder: str = "hifigan"  # or "espeak"
     ctc_token_embedding: bool = False  # decoder input is [hidden state ; chosen token's embedding]
     ctc_token_positions: bool = False  # learned embedding of each upsampled position's index
+    ctc_token_spelling: int = 0  # characters of the chosen token the decoder reads (0: none)
     system_prompt: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +92,7 @@ class OmniConfig:
             vocoder=omni.get("vocoder", "hifigan"),
             ctc_token_embedding=bool(omni.get("ctc_token_embedding", False)),
             ctc_token_positions=bool(omni.get("ctc_token_positions", False)),
+            ctc_token_spelling=int(omni.get("ctc_token_spelling", 0)),
             system_prompt=omni.get("system_prompt"),
             extras=omni,
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
@@ -123,6 +123,54 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(out)
 
 
+class SpellingAttention(nn.Module):
+    """Each upsampled position attends to the characters of its own token.
+
+    The LLM's hidden state and token embedding say what a token means, not how it is written, so a
+    decoder trained on a few thousand sentences speaks words it never saw as noise. Spelling is
+    what pronunciation follows; reading it lets the decoder learn letter-to-sound rules that carry
+    over to unseen words. Characters are the token's lower-cased UTF-8 bytes + 1 (0 pads).
+    """
+
+    def __init__(self, dim: int, heads: int, length: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.length = length
+        self.char_embed = nn.Embedding(257, dim)
+        self.char_position_embed = nn.Embedding(length, dim)
+        self.norm = RMSNorm(dim, 1e-5)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, spelling: torch.Tensor) -> torch.Tensor:
+        """`x` (batch, tokens * per_token, dim), `spelling` (batch, tokens, length): what to add to `x`."""
+        batch, tokens, _ = spelling.shape
+        per_token = x.shape[1] // tokens
+        head_dim = x.shape[-1] // self.heads
+        chars = self.char_embed(spelling) + self.char_position_embed.weight.to(x.dtype)
+        chars = chars.to(x.dtype).view(batch * tokens, self.length, -1)
+        q = self.q_proj(self.norm(x)).view(batch * tokens, per_token, self.heads, head_dim).transpose(1, 2)
+        k, v = (proj(chars).view(batch * tokens, self.length, self.heads, head_dim).transpose(1, 2)
+                for proj in (self.k_proj, self.v_proj))
+        mask = spelling.view(batch * tokens, 1, 1, self.length) != 0
+        mask[..., 0] = True  # a token with no characters attends to the padding embedding
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape))
+
+
+def token_spellings(tokenizer: PreTrainedTokenizerBase, rows: int, length: int) -> torch.Tensor:
+    """(rows, length) characters of every token id for `SpellingAttention`: lower-cased UTF-8 bytes
+    + 1 of the token's text, cut to `length`, padded with 0 (ids past the tokenizer's stay empty)."""
+    count = min(rows, len(tokenizer))
+    table = torch.zeros((rows, length), dtype=torch.long)
+    for token_id, text in enumerate(tokenizer.batch_decode([[i] for i in range(count)])):
+        spelled = list(text.lower().encode("utf-8")[:length])
+        table[token_id, : len(spelled)] = torch.tensor(spelled, dtype=torch.long) + 1
+    return table
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -142,33 +190,47 @@ class DecoderLayer(nn.Module):
 class CTCSpeechGenerator(nn.Module):
     """LLM hidden states -> CTC unit logits, `upsample_factor` positions per hidden state.
 
-    Two options, both off in the published model (whose checkpoint and outputs they leave unchanged):
+    Three options, all off in the published model (whose checkpoint and outputs they leave unchanged):
     `token_embedding` doubles the input to [hidden state ; embedding of the token it chose], because
     the hidden state alone does not say which token was sampled (units then lag one token); the
     caller concatenates the two. `token_positions` adds a learned embedding of each position's index
     within its token's `upsample_factor` positions, which rotary positions alone do not expose.
+    `token_spelling` (characters per token, 0 for none) lets every position read the chosen token's
+    characters (`SpellingAttention`); the caller passes the token ids, and the id -> characters
+    table (`token_spellings`) is set once with `set_spellings`.
     """
 
     def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int,
-                 token_embedding: bool = False, token_positions: bool = False) -> None:
+                 token_embedding: bool = False, token_positions: bool = False, token_spelling: int = 0) -> None:
         super().__init__()
+        if token_spelling and not token_positions:
+            raise ValueError("token_spelling needs token_positions: the positions of a token must differ to read its characters")
         dim = layer_config.hidden_size
         self.upsample_factor = upsample_factor
         self.blank_id = unit_vocab_size
         self.input_proj = nn.Linear(llm_hidden * (2 if token_embedding else 1), dim)
         if token_positions:
             self.token_position_embed = nn.Embedding(upsample_factor, dim)
+        if token_spelling:
+            self.spelling_attn = SpellingAttention(dim, layer_config.num_attention_heads, token_spelling)
+            self.register_buffer("spellings", torch.zeros((0, token_spelling), dtype=torch.long), persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(layer_config) for _ in range(layer_config.num_hidden_layers))
         self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
         inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, hidden: torch.Tensor, cache: DecoderCache | list[DecoderCache] | None = None) -> torch.Tensor:
+    def set_spellings(self, table: torch.Tensor) -> None:
+        """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through."""
+        self.spellings = table.to(self.spellings.device)
+
+    def forward(self, hidden: torch.Tensor, cache: DecoderCache | list[DecoderCache] | None = None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, N * upsample_factor, units + 1) for N new hidden states per row.
 
         Without a cache the rows are whole sequences (the reference's full run). With one cache per
         row (a single cache for one row), each row continues its own stream and its cache is
-        extended in place; the rows' linear layers run as one batch.
+        extended in place; the rows' linear layers run as one batch. `token_ids` (batch, N), the
+        tokens the states chose, are needed with `token_spelling` only.
         """
         caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
@@ -179,6 +241,10 @@ class CTCSpeechGenerator(nn.Module):
             x = x.repeat_interleave(repeats, dim=1)
             x = x + self.token_position_embed.weight.repeat(hidden.shape[1], 1).to(x.dtype)
             repeats = 1
+        if hasattr(self, "spelling_attn"):
+            if token_ids is None or len(self.spellings) == 0:
+                raise ValueError("this decoder reads token spellings: pass token_ids and call set_spellings first")
+            x = x + self.spelling_attn(x, self.spellings[token_ids.to(self.spellings.device)])
         starts = [c.length for c in caches] if caches is not None else [0]
         steps = torch.arange(hidden.shape[1] * self.upsample_factor, device=x.device, dtype=torch.float32)
         positions = torch.tensor(starts, device=x.device, dtype=torch.float32)[:, None] + steps  # (rows, new)

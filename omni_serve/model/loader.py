@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from omni_serve.model.config import OmniConfig
+from omni_serve.model.ctc_generator import token_spellings
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.front_end import EncoderAdaptorFrontEnd, SpeechFrontEnd
 from omni_serve.model.omni_model import OmniSpeechLlama
@@ -131,6 +132,8 @@ def load_model(model_path: str | Path, vocoder: str | Path | None = None, speech
     config = OmniConfig.from_file(model_dir / "config.json")
     network = load_network(config, model_dir, torch_device, torch_dtype)
     tokenizer = load_tokenizer(model_dir)
+    if config.unit_generator == "ctc" and config.ctc_token_spelling:
+        network.speech_generator.set_spellings(token_spellings(tokenizer, config.llm.vocab_size, config.ctc_token_spelling))
     template = template_from_config(config.extras)
     front_end = build_front_end(config, network, tokenizer, template, model_dir, speech_encoder, torch_device,
                                 torch_dtype)

@@ -70,10 +70,10 @@ class CTCUnitStream:
     def push_many(streams: list[CTCUnitStream], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
         """One new hidden state (row of `hidden`) and the token it chose per stream, decoded in one pass."""
         generator, embeddings = streams[0].generator, streams[0].token_embeddings
+        chosen_ids = torch.tensor(tokens, device=hidden.device)
         if embeddings is not None:
-            chosen = embeddings(torch.tensor(tokens, device=hidden.device)).to(hidden.dtype)
-            hidden = torch.cat([hidden, chosen], dim=-1)
-        logits = generator(hidden.unsqueeze(1), [stream.cache for stream in streams])
+            hidden = torch.cat([hidden, embeddings(chosen_ids).to(hidden.dtype)], dim=-1)
+        logits = generator(hidden.unsqueeze(1), [stream.cache for stream in streams], token_ids=chosen_ids[:, None])
         return [stream._collapse(frames) for stream, frames in zip(streams, logits.argmax(dim=-1).tolist())]
 
     def _collapse(self, frames: list[int]) -> list[int]:
