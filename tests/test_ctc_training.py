@@ -21,6 +21,8 @@ from omni_serve.default.ctc_data import (
     CTCData,
     DataOptions,
     HiddenStateCapture,
+    docstring_texts,
+    number_texts,
     save_samples,
     vocabulary_texts,
 )
@@ -32,6 +34,7 @@ from omni_serve.default.ctc_train import (
     Trainer,
     edit_distance,
 )
+from omni_serve.default.transcriber_data import Exclusions
 from omni_serve.model.ctc_generator import DecoderCache, token_spellings
 from omni_serve.model.espeak import EspeakSettings, phonemizer_for
 
@@ -212,6 +215,22 @@ def test_vocabulary_texts_hold_every_word_as_often_as_asked():
     for word in words:
         assert spoken.count(word.lower()) == 2, word
     assert all(text[0].isupper() and text[-1] in ".?" for text in texts)
+
+
+def test_number_texts_read_numbers_in_the_forms_answers_write(quality_bench):
+    texts = number_texts(300, seed=5)
+    assert len(texts) == 300 and texts == number_texts(300, seed=5) and texts != number_texts(300, seed=6)
+    assert all(re.search(r"\d", text) for text in texts)
+    joined = " ".join(texts)
+    for form in (r"\d+\.\d", r"\d,\d{3}", r"\d+%", r"°C", r"\d+(st|nd|rd|th)\b", r"\d+:\d\d", r"-\d", r"\$\d"):
+        assert re.search(form, joined), form
+    exclusions = Exclusions.from_file(quality_bench.HELDOUT_FILE)
+    assert all(exclusions.allows(text) for text in texts)  # the templates hold no held-out key word
+
+
+def test_docstring_texts_give_as_many_paragraphs_as_asked():
+    assert docstring_texts(0) == [] and len(docstring_texts(5)) == 5
+    assert all(6 <= len(text.split()) <= 60 for text in docstring_texts(5))
 
 
 def test_edit_distance():

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers", type=int, default=0, help="greedy answers of the LLM to built-in questions")
     parser.add_argument("--vocabulary", type=int, default=0, metavar="PER_WORD",
                         help="sentences holding each everyday word and name of the LLM's vocabulary this many times")
+    parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...)")
     parser.add_argument("--exclude", type=Path, help="JSON of held-out questions whose key words no text may hold")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest text, in tokens (cut at a word)")
     parser.add_argument("--answer-tokens", type=int, default=64, help="longest greedy answer, in tokens")
@@ -35,9 +36,12 @@ def run(args: argparse.Namespace) -> int:
         DataOptions,
         HiddenStateCapture,
         docstring_texts,
+        number_texts,
         read_text_files,
         save_samples,
+        vocabulary_texts,
     )
+    from omni_serve.default.transcriber_data import Exclusions
     from omni_serve.model.loader import load_model
 
     began = time.perf_counter()
@@ -45,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
     options = DataOptions(max_tokens=args.max_tokens, answers=args.answers, answer_tokens=args.answer_tokens,
                           doc_texts=args.doc_texts)
     texts = read_text_files([Path(p) for p in args.texts]) + docstring_texts(args.doc_texts)
+    exclusions = Exclusions.from_file(args.exclude) if args.exclude else Exclusions()
     if args.vocabulary:
         from omni_serve.cli.make_transcriber_data import load_everyday_words
-        from omni_serve.default.ctc_data import vocabulary_texts
-        from omni_serve.default.transcriber_data import EVERYDAY_WORD, NAME, Exclusions
+        from omni_serve.default.transcriber_data import EVERYDAY_WORD, NAME
 
-        exclusions = Exclusions.from_file(args.exclude) if args.exclude else Exclusions()
         words = load_everyday_words(args.model_path, (EVERYDAY_WORD, NAME))
         texts += [text for text in vocabulary_texts(words, args.vocabulary, seed=1) if exclusions.allows(text)]
         print(f"vocabulary: {len(words)} words")
+    texts += [text for text in number_texts(args.numbers, seed=1) if exclusions.allows(text)]
     samples = HiddenStateCapture(model, options).collect(texts)
     save_samples(samples, Path(args.out), model)
     tokens = sum(len(s.token_ids) for s in samples)

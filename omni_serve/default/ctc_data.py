@@ -95,7 +95,7 @@ def docstring_texts(limit: int) -> list[str]:
     """English paragraphs from standard-library docstrings, in a fixed order (deterministic)."""
     texts: list[str] = []
     seen: set[str] = set()
-    for name in DOC_MODULES:
+    for name in DOC_MODULES if limit > 0 else ():
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -120,6 +120,50 @@ VOCABULARY_TEMPLATES = (
     "We talked about {a}, {b} and {c}.", "Is {a} more like {b} or {c}?", "She wrote {a}, then {b}, then {c}.",
     "There is {a} here, {b} over there and {c} at home.",
 )
+
+
+# Sentences that read numbers in the forms answers write them: counts, thousands with commas,
+# decimals, years, percentages, temperatures, negatives, ordinals, times of day and prices.
+NUMBER_TEMPLATES = (
+    "There are {small} {thing} in the {place}.", "It is about {decimal} {unit} long.",
+    "In {year}, about {thousands} people lived there.", "The temperature reached {celsius}°C ({fahrenheit}°F).",
+    "Prices rose by {percent}% to ${price}.", "She finished {ordinal} out of {count} runners.",
+    "The meeting starts at {hour}:{minute}.", "It weighs {decimal} kilograms and is {count} meters tall.",
+    "The lowest reading was {negative} degrees.", "A {thing_one} has {small} legs and lives for {count} years.",
+    "About {decimal} million people visit each year.", "The {ordinal} chapter has {count} pages.",
+)
+NUMBER_WORDS = {
+    "thing": ("books", "chairs", "trees", "lamps", "cars", "students", "stars", "rooms"),
+    "thing_one": ("beetle", "lizard", "insect", "crab", "dog", "frog"),
+    "place": ("room", "garden", "city", "box", "library", "park"),
+    "unit": ("meters", "kilometers", "miles", "inches", "feet", "centimeters"),
+}
+
+
+def number_texts(count: int, seed: int) -> list[str]:
+    """`count` sentences holding numbers in the forms LLM answers write them.
+
+    A token "8" or "149" says nothing of its sound in its spelling; the decoder learns how digits are
+    read only from text that reads them. Deterministic for a seed.
+    """
+    rng = random.Random(seed)
+
+    def ordinal(n: int) -> str:
+        suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+        return f"{n}{suffix}"
+
+    texts = []
+    for _ in range(count):
+        values = {
+            "small": rng.randint(0, 24), "count": rng.randint(2, 999), "year": rng.randint(1500, 2030),
+            "decimal": f"{rng.randint(0, 999)}.{rng.randint(0, 9)}", "thousands": f"{rng.randint(1, 999_999):,}",
+            "percent": rng.randint(1, 100), "price": f"{rng.randint(1, 5000)}.{rng.randint(0, 99):02d}",
+            "celsius": rng.randint(-40, 120), "fahrenheit": rng.randint(-40, 250), "negative": -rng.randint(1, 90),
+            "ordinal": ordinal(rng.randint(1, 120)), "hour": rng.randint(1, 12), "minute": f"{rng.randint(0, 59):02d}",
+            **{slot: rng.choice(choices) for slot, choices in NUMBER_WORDS.items()},
+        }
+        texts.append(rng.choice(NUMBER_TEMPLATES).format(**values))
+    return texts
 
 
 def vocabulary_texts(words: list[str], per_word: int, seed: int) -> list[str]:

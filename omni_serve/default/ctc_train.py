@@ -1,11 +1,12 @@
 """Training of a learned CTC unit generator (b) on data written by `omni_serve.default.ctc_data`.
 
 The model is the published `CTCSpeechGenerator` (causal decoder layers, `upsample_factor` positions
-per LLM token, blank = unit count), optionally fed [hidden state ; chosen token's embedding] and a
-within-token position embedding. Training is plain CTC loss with AdamW in the loop of
-`training_run` (seeded batches per step, so a resumed run takes exactly the steps an uninterrupted
-one would; checkpoints every `checkpoint_every` steps and at the end); the trained decoder is
-exported as fp16 safetensors plus a json of its shape.
+per LLM token, blank = unit count), optionally fed [hidden state ; chosen token's embedding], a
+within-token position embedding and the chosen token's characters (spelled by the data's
+tokenizer). Training is plain CTC loss with AdamW in the loop of `training_run` (seeded batches per
+step, so a resumed run takes exactly the steps an uninterrupted one would; checkpoints every
+`checkpoint_every` steps and at the end); the trained decoder is exported as fp16 safetensors plus
+a json of its shape.
 """
 
 from __future__ import annotations

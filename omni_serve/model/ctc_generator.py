@@ -163,12 +163,11 @@ class SpellingAttention(nn.Module):
 def token_spellings(tokenizer: PreTrainedTokenizerBase, rows: int, length: int) -> torch.Tensor:
     """(rows, length) characters of every token id for `SpellingAttention`: lower-cased UTF-8 bytes
     + 1 of the token's text, cut to `length`, padded with 0 (ids past the tokenizer's stay empty)."""
-    count = min(rows, len(tokenizer))
-    table = torch.zeros((rows, length), dtype=torch.long)
-    for token_id, text in enumerate(tokenizer.batch_decode([[i] for i in range(count)])):
-        spelled = list(text.lower().encode("utf-8")[:length])
-        table[token_id, : len(spelled)] = torch.tensor(spelled, dtype=torch.long) + 1
-    return table
+    texts = tokenizer.batch_decode([[i] for i in range(min(rows, len(tokenizer)))])
+    spelled = [[byte + 1 for byte in text.lower().encode("utf-8")[:length]] for text in texts]
+    padded = [chars + [0] * (length - len(chars)) for chars in spelled]
+    padded += [[0] * length] * (rows - len(padded))
+    return torch.tensor(padded, dtype=torch.long)
 
 
 class DecoderLayer(nn.Module):
