@@ -46,4 +46,3 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(Path(args.model_path)) if args.model_path else None
     trainer = Trainer.resume_or_new(data, Path(args.out), config, args.resume, args.device, tokenizer)
     return train_and_report(trainer, args)
-
