@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES, MODEL_DIR
+from unit_stream_helpers import streamed_and_offline_units
 
 from omni_serve.cli import SUBCOMMANDS, main
 from omni_serve.default.ctc_data import (
@@ -255,8 +256,6 @@ def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_mode
     from safetensors.torch import load_file, save_file
 
     from omni_serve.default.learned_decoder import attach_learned_decoder
-    from omni_serve.engine import Engine, Finished, GenerationOptions, SpeechRequest
-    from omni_serve.model.ctc_generator import ctc_collapse
     from omni_serve.model.loader import load_model
 
     folder = tmp_path / "model"
@@ -277,18 +276,5 @@ def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_mode
     generator = model.network.speech_generator
     assert model.config.ctc_token_spelling == SPELLING.token_spelling
     assert torch.equal(generator.spellings, token_spellings(model.tokenizer, llm.vocab_size, SPELLING.token_spelling))
-    question = "Tell me about the weather."
-    engine = Engine(model)
-    try:
-        events = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=12), text=question)))
-    finally:
-        engine.close()
-    final = events[-1]
-    assert isinstance(final, Finished) and final.units
-    answer = final.token_ids[:-1] if final.stopped_on_eos else final.token_ids
-    with torch.inference_mode():
-        hidden = HiddenStateCapture(model, DataOptions()).teacher_forced(question, answer)
-        inputs = torch.cat([hidden, model.network.embed_tokens(torch.tensor(answer)).float()], dim=-1)
-        logits = generator(inputs.unsqueeze(0), token_ids=torch.tensor([answer]))
-    offline = ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)
-    assert offline and final.units[: len(offline)] == offline
+    events, offline = streamed_and_offline_units(model, "Tell me about the weather.", max_new_tokens=12)
+    assert offline and events[-1].units[: len(offline)] == offline

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import whisper
+from unit_stream_helpers import streamed_and_offline_units
 from whisper.model import Whisper
 from whisper.normalizers import EnglishTextNormalizer
 
@@ -306,8 +307,6 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
     from safetensors.torch import load_file
 
     from omni_serve.default.build import CHECKPOINT_DIR
-    from omni_serve.default.ctc_data import DataOptions, HiddenStateCapture
-    from omni_serve.model.ctc_generator import ctc_collapse
 
     folder = build_default(tmp_path_factory.mktemp("learned") / "omni-smol-learned", progress=False,
                            generator="learned")
@@ -318,23 +317,9 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
     for key, value in load_file(str(CHECKPOINT_DIR / "ctc_decoder.safetensors")).items():
         assert torch.equal(generator.state_dict()[key], value.float()), key
 
-    engine = Engine(model)
-    try:
-        events = list(engine.generate(SpeechRequest(None, GenerationOptions(max_new_tokens=24), text=QUESTION)))
-    finally:
-        engine.close()
-    final = events[-1]
-    assert isinstance(final, Finished) and final.units
+    events, offline = streamed_and_offline_units(model, QUESTION, max_new_tokens=24)
     assert sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
-
-    capture = HiddenStateCapture(model, DataOptions())
-    answer = final.token_ids[:-1] if final.stopped_on_eos else final.token_ids
-    with torch.inference_mode():
-        hidden = capture.teacher_forced(QUESTION, answer)
-        embeddings = model.network.embed_tokens(torch.tensor(answer)).float()
-        logits = generator(torch.cat([hidden, embeddings], dim=-1).unsqueeze(0), token_ids=torch.tensor([answer]))
-    offline = ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)
-    assert offline and final.units[: len(offline)] == offline  # an EOS token may add units after these
+    assert offline and events[-1].units[: len(offline)] == offline  # an EOS token may add units after these
 
 
 def test_demo_launches_the_stack_on_the_built_model():

@@ -338,9 +338,12 @@ class CTCData:
     embed_rows: torch.Tensor
     unit_names: list[str]
     llm_hidden: int
-    rope_theta: float
     rope_parameters: dict[str, Any]  # the LLM's rope settings, which the decoder layers copy (as served)
     max_position_embeddings: int
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
 
     @classmethod
     def load_all(cls, paths: list[Path]) -> CTCData:
@@ -365,8 +368,7 @@ class CTCData:
                    units=torch.cat([p.units for p in parts]), token_offsets=offsets("token_offsets", "token_ids"),
                    unit_offsets=offsets("unit_offsets", "units"), heldout=torch.cat([p.heldout for p in parts]),
                    embed_ids=embed_ids, embed_rows=rows, unit_names=first.unit_names, llm_hidden=first.llm_hidden,
-                   rope_theta=first.rope_theta, rope_parameters=first.rope_parameters,
-                   max_position_embeddings=first.max_position_embeddings)
+                   rope_parameters=first.rope_parameters, max_position_embeddings=first.max_position_embeddings)
 
     @classmethod
     def load(cls, path: Path) -> CTCData:
@@ -378,7 +380,7 @@ class CTCData:
         return cls(hidden=t["hidden"], token_ids=t["token_ids"], units=t["units"], token_offsets=t["token_offsets"],
                    unit_offsets=t["unit_offsets"], heldout=t["heldout"].bool(), embed_ids=t["embed_ids"],
                    embed_rows=t["embed_rows"], unit_names=json.loads(metadata["units"]),
-                   llm_hidden=int(metadata["llm_hidden"]), rope_theta=float(metadata["rope_theta"]),
+                   llm_hidden=int(metadata["llm_hidden"]),
                    # files made before the rope settings were recorded came from LLMs with plain rope
                    rope_parameters=json.loads(metadata.get("rope_parameters", "{}"))
                    or {"rope_type": "default", "rope_theta": float(metadata["rope_theta"])},
