@@ -26,6 +26,7 @@ from omni_serve.default.ctc_data import (
     number_texts,
     save_samples,
     vocabulary_texts,
+    word_questions,
 )
 from omni_serve.default.ctc_train import (
     CHECKPOINT_FILE,
@@ -36,13 +37,15 @@ from omni_serve.default.ctc_train import (
     edit_distance,
 )
 from omni_serve.default.transcriber_data import Exclusions
-from omni_serve.model.ctc_generator import DecoderCache, token_spellings
+from omni_serve.model.ctc_generator import DecoderCache, ctc_collapse, spelling_windows, token_spellings
 from omni_serve.model.espeak import EspeakSettings, phonemizer_for
+from omni_serve.model.units import CTCUnitStream, push_units
 
 TEXTS = ["The cat sat on the mat.", "It is a sunny day in the park.", "Please read this short sentence aloud."]
 SMALL = TrainConfig(layers=1, hidden=32, heads=2, ffn=64, upsample_factor=4, learning_rate=3e-3, warmup_steps=1,
                     batch_size=3, steps=40, checkpoint_every=10, eval_every=10, autocast=False)
 SPELLING = TrainConfig(**{**SMALL.__dict__, "token_spelling": 6})
+CONTEXT = TrainConfig(**{**SPELLING.__dict__, "spelling_before": 1, "spelling_after": 2})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,6 +83,24 @@ def test_make_data_pairs_each_token_with_the_state_that_chose_it(fixture_model, 
             rows = network.embed_tokens(torch.tensor(ids)).float()
         torch.testing.assert_close(data.embeddings(torch.tensor(ids)).float(), rows, atol=2e-3, rtol=2e-3)
         assert data.inputs(index, token_embedding=True).shape == (len(ids), 2 * data.llm_hidden)
+
+
+def test_answers_to_word_questions_are_the_llms_greedy_answers_unless_refused(fixture_model):
+    words = ["apple", "river", "Tokyo", "violin"]
+    questions = word_questions(words, 6, seed=2)
+    assert questions == word_questions(words, 6, seed=2) and len(questions) == 6
+    asked = [next(w for w in words if w in q) for q in questions]
+    assert sorted(asked[:4]) == sorted(words)  # every word once before any twice
+    capture = HiddenStateCapture(fixture_model, DataOptions(answer_tokens=6))
+    samples = capture.collect([], questions[:2])
+    tokenizer = fixture_model.tokenizer
+    for sample, question in zip(samples, questions):
+        assert sample.source == "answer"
+        assert sample.text == tokenizer.decode(capture.greedy_answer(question), skip_special_tokens=True).strip()
+        torch.testing.assert_close(sample.hidden, capture.teacher_forced(question, sample.token_ids))
+    assert len(samples) == 2 and samples[0].text != samples[1].text
+    kept = capture.collect([], questions[:2], allows=lambda text: text != samples[0].text)
+    assert [sample.text for sample in kept] == [samples[1].text]
 
 
 def test_training_overfits_a_tiny_set(data_file, tmp_path):
@@ -171,6 +192,82 @@ def test_spelling_decoder_reads_the_chosen_tokens_characters(fixture_model, data
         generator(inputs)
 
 
+def test_spelling_windows_list_each_token_then_those_after_then_those_before():
+    ids = torch.tensor([[5, 6, 7, 8], [9, 4, -1, -1]])  # the second row is padded with -1
+    windows = spelling_windows(ids, before=1, after=2)
+    assert windows[0].tolist() == [[5, 6, 7, -1], [6, 7, 8, 5], [7, 8, -1, 6], [8, -1, -1, 7]]
+    assert windows[1].tolist() == [[9, 4, -1, -1], [4, -1, -1, 9], [-1, -1, -1, 4], [-1, -1, -1, -1]]
+    assert spelling_windows(ids, 0, 0).tolist() == ids.unsqueeze(-1).tolist()
+
+
+def test_a_spelling_context_lets_a_token_read_the_tokens_after_it(fixture_model, data_file):
+    """With `after` = 2, changing token t's spelling changes the units from token t - 2 on, none before."""
+    data = CTCData.load(data_file)
+    generator = Trainer(data, Path("unused"), CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).generator.eval()
+    inputs = data.inputs(1, token_embedding=True).unsqueeze(0)
+    ids = data.token_ids[data.tokens(1)].unsqueeze(0)
+    changed, per_token = 4, CONTEXT.upsample_factor
+    with torch.inference_mode():
+        before = generator(inputs, token_ids=spelling_windows(ids, 1, 2))
+        generator.spellings[ids[0, changed]] = torch.tensor([ord(c) + 1 for c in " zebra"])
+        after = generator(inputs, token_ids=spelling_windows(ids, 1, 2))
+    first = (changed - 2) * per_token
+    torch.testing.assert_close(after[:, :first], before[:, :first])
+    assert not torch.allclose(after[:, first : first + per_token], before[:, first : first + per_token])
+    with pytest.raises(ValueError, match="4 tokens' spellings"):
+        generator(inputs, token_ids=ids)
+
+
+def test_streams_with_a_spelling_context_hold_tokens_back_and_equal_the_full_pass(fixture_model, data_file):
+    """Each token is decoded once the 2 after it are chosen (the last ones at `finish`); streams that
+    started at different steps, decoded together, each give their own full pass."""
+    data = CTCData.load(data_file)
+    generator = Trainer(data, Path("unused"), CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).generator.eval()
+    samples = range(len(TEXTS))
+    ids = [data.token_ids[data.tokens(i)] for i in samples]
+    hidden = [data.hidden[data.tokens(i)].float() for i in samples]
+    with torch.inference_mode():
+        full = [generator(data.inputs(i, token_embedding=True).unsqueeze(0),
+                          token_ids=spelling_windows(ids[i].unsqueeze(0), 1, 2))[0].argmax(-1).tolist() for i in samples]
+    streams = [CTCUnitStream(generator, fixture_model.network.model.embed_tokens) for _ in samples]
+    units: list[list[int]] = [[] for _ in samples]
+    for step in range(max(len(t) for t in ids) + len(TEXTS)):
+        rows = [i for i in samples if 0 <= step - i < len(ids[i])]  # stream i starts at step i
+        if not rows:
+            continue
+        batch = torch.stack([hidden[i][step - i] for i in rows])
+        pushed = push_units([streams[i] for i in rows], batch, [int(ids[i][step - i]) for i in rows], [""] * len(rows))
+        for i, new in zip(rows, pushed):
+            if step - i < 2:
+                assert new == [] and len(streams[i].waiting) == step - i + 1  # held back until 2 tokens follow
+            units[i] += new
+    for i in samples:
+        units[i] += streams[i].finish()
+        assert streams[i].frames == full[i]
+        assert units[i] == ctc_collapse(full[i], generator.blank_id) and units[i]
+
+
+def test_a_run_warm_started_from_another_keeps_its_weights_and_grows_the_context(fixture_model, data_file, tmp_path):
+    data = CTCData.load(data_file)
+    Trainer(data, tmp_path / "plain", replace_steps(2, SPELLING), device="cpu", tokenizer=fixture_model.tokenizer).run()
+    old = torch.load(tmp_path / "plain" / CHECKPOINT_FILE, weights_only=False)["model"]
+    base = ["train", "--data", str(data_file), "--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64",
+            "--upsample", "4", "--no-autocast", "--device", "cpu", "--steps", "1"]
+    common = base + ["--spelling", "6", "--model-path", str(MODEL_DIR), "--spelling-context", "1", "2"]
+    grown = Trainer(data, tmp_path / "grown", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer)
+    grown.warm_start(tmp_path / "plain")
+    state = grown.generator.state_dict()
+    positions = "spelling_attn.char_position_embed.weight"
+    assert state[positions].shape == (4 * 6, 32) and torch.equal(state[positions][:6], old[positions])
+    assert all(torch.equal(state[name], value) for name, value in old.items() if name != positions)
+    assert main(common + ["--out", str(tmp_path / "cli"), "--init-from", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "cli" / SHAPE_FILE).read_text())["spelling_after"] == 2
+    with pytest.raises(SystemExit, match="--init-from"):  # another decoder width
+        main(common + ["--out", str(tmp_path / "wide"), "--hidden", "64", "--init-from", str(tmp_path / "cli")])
+    with pytest.raises(SystemExit, match="--spelling-context needs --spelling"):
+        main(base + ["--out", str(tmp_path / "no"), "--spelling-context", "1", "1"])
+
+
 def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
     assert SUBCOMMANDS["make-data"] == "omni_serve.cli.make_data" and SUBCOMMANDS["train"] == "omni_serve.cli.train"
     common = ["train", "--data", str(data_file), "--out", str(tmp_path), "--layers", "1", "--hidden", "32",
@@ -248,7 +345,8 @@ def test_training_questions_share_nothing_with_the_held_out_questions(quality_be
         assert not [q for q, w in words.items() if key in w], f"key word {key!r} of {held_out!r} is in training"
 
 
-def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_model, data_file, tmp_path):
+@pytest.mark.parametrize("config", [SPELLING, CONTEXT], ids=["own spelling", "spelling context 1, 2"])
+def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_model, data_file, tmp_path, config):
     """Loading spells the tokenizer's tokens for the decoder, and the engine's incremental units equal
     one full pass of the decoder over the same answer (as in training)."""
     from types import SimpleNamespace
@@ -264,17 +362,19 @@ def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_mode
     save_file({k: v for k, v in published.items() if not k.startswith("speech_generator.")},
               str(folder / "model.safetensors"))
     run, data = tmp_path / "run", CTCData.load(data_file)
-    Trainer(data, run, replace_steps(1, SPELLING), device="cpu", tokenizer=fixture_model.tokenizer).run()
+    Trainer(data, run, replace_steps(1, config), device="cpu", tokenizer=fixture_model.tokenizer).run()
     llm = fixture_model.config.llm
     fields = attach_learned_decoder(folder, run, SimpleNamespace(hidden_size=llm.hidden_size, rope_theta=data.rope_theta))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(fields["published"])
-    config.setdefault("omni_serve", {}).update(fields["omni_serve"])
-    (folder / "config.json").write_text(json.dumps(config))
+    written = json.loads((folder / "config.json").read_text())
+    written.update(fields["published"])
+    written.setdefault("omni_serve", {}).update(fields["omni_serve"])
+    (folder / "config.json").write_text(json.dumps(written))
 
     model = load_model(folder, speech_encoder=FIXTURES / "speech_encoder" / "tiny-whisper.pt", device="cpu")
     generator = model.network.speech_generator
-    assert model.config.ctc_token_spelling == SPELLING.token_spelling
-    assert torch.equal(generator.spellings, token_spellings(model.tokenizer, llm.vocab_size, SPELLING.token_spelling))
+    assert model.config.ctc_token_spelling == config.token_spelling
+    assert generator.spelling_context == (config.spelling_before, config.spelling_after)
+    table = token_spellings(model.tokenizer, llm.vocab_size, config.token_spelling)
+    assert torch.equal(generator.spellings[:-1], table) and not generator.spellings[-1].any()  # -1: no token
     events, offline = streamed_and_offline_units(model, "Tell me about the weather.", max_new_tokens=12)
     assert offline and events[-1].units[: len(offline)] == offline

@@ -6,7 +6,7 @@ import torch
 
 from omni_serve.default.ctc_data import DataOptions, HiddenStateCapture
 from omni_serve.engine import Engine, Finished, GenerationOptions, SpeechRequest
-from omni_serve.model.ctc_generator import ctc_collapse
+from omni_serve.model.ctc_generator import ctc_collapse, spelling_windows
 from omni_serve.model.loader import OmniModel
 
 
@@ -25,5 +25,6 @@ def streamed_and_offline_units(model: OmniModel, question: str, max_new_tokens: 
     with torch.inference_mode():
         hidden = HiddenStateCapture(model, DataOptions()).teacher_forced(question, answer)
         inputs = torch.cat([hidden, model.network.embed_tokens(torch.tensor(answer)).float()], dim=-1)
-        logits = generator(inputs.unsqueeze(0), token_ids=torch.tensor([answer]))
+        windows = spelling_windows(torch.tensor([answer]), *generator.spelling_context)
+        logits = generator(inputs.unsqueeze(0), token_ids=windows)
     return events, ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)

@@ -19,7 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answers", type=int, default=0, help="greedy answers of the LLM to built-in questions")
     parser.add_argument("--vocabulary", type=int, default=0, metavar="PER_WORD",
                         help="sentences holding each everyday word and name of the LLM's vocabulary this many times")
+    parser.add_argument("--word-answers", type=int, default=0,
+                        help="greedy answers of the LLM to questions about this many everyday words")
     parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="shuffle of the vocabulary and number sentences (another seed: other sentences)")
     parser.add_argument("--exclude", type=Path, help="JSON of held-out questions whose key words no text may hold")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest text, in tokens (cut at a word)")
     parser.add_argument("--answer-tokens", type=int, default=64, help="longest greedy answer, in tokens")
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         read_text_files,
         save_samples,
         vocabulary_texts,
+        word_questions,
     )
     from omni_serve.default.transcriber_data import Exclusions
     from omni_serve.model.loader import load_model
@@ -50,15 +55,17 @@ def run(args: argparse.Namespace) -> int:
                           doc_texts=args.doc_texts)
     texts = read_text_files([Path(p) for p in args.texts]) + docstring_texts(args.doc_texts)
     exclusions = Exclusions.from_file(args.exclude) if args.exclude else Exclusions()
-    if args.vocabulary:
+    questions: list[str] = []
+    if args.vocabulary or args.word_answers:
         from omni_serve.cli.make_transcriber_data import load_everyday_words
         from omni_serve.default.transcriber_data import EVERYDAY_WORD, NAME
 
         words = load_everyday_words(args.model_path, (EVERYDAY_WORD, NAME))
-        texts += [text for text in vocabulary_texts(words, args.vocabulary, seed=1) if exclusions.allows(text)]
+        texts += [text for text in vocabulary_texts(words, args.vocabulary, seed=args.seed) if exclusions.allows(text)]
+        questions = [q for q in word_questions(words, args.word_answers, seed=args.seed) if exclusions.allows(q)]
         print(f"vocabulary: {len(words)} words")
-    texts += [text for text in number_texts(args.numbers, seed=1) if exclusions.allows(text)]
-    samples = HiddenStateCapture(model, options).collect(texts)
+    texts += [text for text in number_texts(args.numbers, seed=args.seed) if exclusions.allows(text)]
+    samples = HiddenStateCapture(model, options).collect(texts, questions, exclusions.allows)
     save_samples(samples, Path(args.out), model)
     tokens = sum(len(s.token_ids) for s in samples)
     units = sum(len(s.units) for s in samples)

@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-only", action="store_true", help="no token embedding beside the hidden state")
     parser.add_argument("--spelling", type=int, default=defaults.token_spelling,
                         help="characters of each chosen token the decoder reads (0: none; needs --model-path)")
+    parser.add_argument("--spelling-context", type=int, nargs=2, metavar=("BEFORE", "AFTER"),
+                        default=(defaults.spelling_before, defaults.spelling_after),
+                        help="also read the spelling of this many tokens before and after each token "
+                             "(streaming then holds AFTER tokens back)")
+    parser.add_argument("--init-from", default=None,
+                        help="start a new run from another run folder's decoder (same shape; the spelling "
+                             "context may grow)")
     parser.add_argument("--model-path", default=None, help="model folder that made the data (its tokenizer spells tokens)")
     add_run_arguments(parser, defaults, threads=1,
                       threads_help="CPU threads (1 by default: on a shared 2-core machine 2 threads ran 20x slower)")
@@ -39,10 +46,20 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
                          upsample_factor=args.upsample, token_embedding=not args.hidden_only,
-                         token_spelling=args.spelling, **run_fields(args))
+                         token_spelling=args.spelling, spelling_before=args.spelling_context[0],
+                         spelling_after=args.spelling_context[1], **run_fields(args))
     if args.spelling and not args.model_path:
         raise SystemExit("--spelling needs --model-path: the model folder whose tokenizer made the data")
+    if any(args.spelling_context) and not args.spelling:
+        raise SystemExit("--spelling-context needs --spelling")
+    if min(args.spelling_context) < 0:
+        raise SystemExit("--spelling-context takes two counts of tokens, 0 or more")
     data = CTCData.load_all([Path(path) for path in args.data])
     tokenizer = load_tokenizer(Path(args.model_path)) if args.model_path else None
     trainer = Trainer.resume_or_new(data, Path(args.out), config, args.resume, args.device, tokenizer)
+    if args.init_from and trainer.step == 0:  # a resumed run already holds its own weights
+        try:
+            trainer.warm_start(Path(args.init_from))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--init-from: {exc}") from exc
     return train_and_report(trainer, args)

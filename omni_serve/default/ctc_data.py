@@ -22,6 +22,7 @@ import random
 import re
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ QUESTIONS = (
     "How do I tie a shoe?", "What is a desert?", "Why do cats purr?", "What is chess?",
     "How do I write a good letter?", "What is a museum?", "Why is reading important?",
     "How do submarines dive?", "What is a comet?", "How do I clean a window?", "What is jazz?",
+)
+# Questions about one word each (`word_questions`): the LLM's answers to them are text in the style the
+# decoder speaks (answers), over far more words than `QUESTIONS` reach, written as the LLM writes them
+# (long words split over several tokens).
+WORD_QUESTION_TEMPLATES = (
+    "Tell me about {word}.", "What does {word} mean?", "Use the word {word} in two sentences.",
+    "Explain {word} simply.", "Say something interesting about {word}.",
 )
 # Standard-library modules whose docstrings are plain English prose (an offline text source).
 DOC_MODULES = (
@@ -168,6 +176,16 @@ def number_texts(count: int, seed: int) -> list[str]:
     return texts
 
 
+def word_questions(words: list[str], count: int, seed: int) -> list[str]:
+    """`count` questions about words drawn from `words` without repeats (cycling when `count` is larger),
+    each in a template; deterministic for a seed."""
+    rng = random.Random(seed)
+    order = []
+    while len(order) < count and words:
+        order += rng.sample(words, len(words))
+    return [rng.choice(WORD_QUESTION_TEMPLATES).format(word=word) for word in order[:count]]
+
+
 def vocabulary_texts(words: list[str], per_word: int, seed: int) -> list[str]:
     """Sentences in which every one of `words` appears `per_word` times, three words to a sentence.
 
@@ -258,8 +276,10 @@ class HiddenStateCapture:
             return None
         return Sample(text=text, token_ids=ids, hidden=self.teacher_forced(question, ids), units=units, source=source)
 
-    def collect(self, texts: list[str]) -> list[Sample]:
-        """Teacher-forced samples for `texts`, then the LLM's greedy answers."""
+    def collect(self, texts: list[str], questions: Sequence[str] = (),
+                allows: Callable[[str], bool] = lambda text: True) -> list[Sample]:
+        """Teacher-forced samples for `texts`, then the LLM's greedy answers to `options.answers` built-in
+        questions and to `questions`; an answer that `allows` refuses (a held-out key word) is dropped."""
         samples: list[Sample] = []
         began = time.perf_counter()
         for index, text in enumerate(texts):
@@ -268,20 +288,26 @@ class HiddenStateCapture:
                 samples.append(sample)
             if (index + 1) % 200 == 0:
                 log.info("texts: %d/%d (%.0f s)", index + 1, len(texts), time.perf_counter() - began)
-        for index in range(self.options.answers):
-            question = QUESTIONS[index % len(QUESTIONS)]
-            if index >= len(QUESTIONS):  # later rounds ask a variant, so answers differ
-                question = f"{question} Answer in {2 + index // len(QUESTIONS)} sentences."
+        asked = [self.builtin_question(index) for index in range(self.options.answers)] + list(questions)
+        for index, question in enumerate(asked):
             ids = self.greedy_answer(question)
             text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if text:
+            if text and allows(text):
                 ids = self.model.tokenizer(text, add_special_tokens=False).input_ids
                 sample = self.sample(text, question, "answer", ids)
                 if sample is not None:
                     samples.append(sample)
             if (index + 1) % 10 == 0:
-                log.info("answers: %d/%d (%.0f s)", index + 1, self.options.answers, time.perf_counter() - began)
+                log.info("answers: %d/%d (%.0f s)", index + 1, len(asked), time.perf_counter() - began)
         return samples
+
+    @staticmethod
+    def builtin_question(index: int) -> str:
+        """The index-th of `QUESTIONS`, cycling; later rounds ask a variant, so answers differ."""
+        question = QUESTIONS[index % len(QUESTIONS)]
+        if index >= len(QUESTIONS):
+            question = f"{question} Answer in {2 + index // len(QUESTIONS)} sentences."
+        return question
 
 
 def is_heldout(text: str) -> bool:

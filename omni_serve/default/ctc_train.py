@@ -23,7 +23,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from omni_serve.default.ctc_data import CTCData
 from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
-from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, token_spellings
+from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, spelling_windows, token_spellings
 
 WEIGHTS_FILE = "ctc_decoder.safetensors"
 SHAPE_FILE = "ctc_decoder.json"
@@ -41,6 +41,8 @@ class TrainConfig(RunSettings):
     token_embedding: bool = True
     token_positions: bool = True
     token_spelling: int = 0  # characters of the chosen token each position reads (0: none)
+    spelling_before: int = 0  # tokens before each token whose characters it reads too
+    spelling_after: int = 0  # tokens after it (streaming then holds each token back that many)
 
 
 def make_generator(config: TrainConfig, data: CTCData) -> CTCSpeechGenerator:
@@ -54,7 +56,8 @@ def make_generator(config: TrainConfig, data: CTCData) -> CTCSpeechGenerator:
     llm_hidden, unit_count = data.llm_hidden, len(data.unit_names)
     return CTCSpeechGenerator(llm_hidden, layer_config, config.upsample_factor, unit_count,
                               token_embedding=config.token_embedding, token_positions=config.token_positions,
-                              token_spelling=config.token_spelling)
+                              token_spelling=config.token_spelling,
+                              spelling_context=(config.spelling_before, config.spelling_after))
 
 
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
@@ -119,18 +122,37 @@ class Trainer(ResumableTraining):
     def load_model_state(self, state: dict) -> None:
         self.generator.load_state_dict(state["model"])
 
+    def warm_start(self, run: Path) -> None:
+        """Begin this new run from the decoder of another run (its checkpoint), so that giving a trained
+        decoder a spelling context costs a fine-tune rather than a run from scratch. Every weight must
+        match by name and shape, except the spelling position table, which grows with the context:
+        its old rows (the token's own characters, first in every window) are kept, the rest stay new."""
+        old = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
+        state = self.generator.state_dict()
+        if set(old) != set(state):
+            raise ValueError(f"{run} holds a decoder of another kind (weights differ: {sorted(set(old) ^ set(state))})")
+        for name, value in old.items():
+            target = state[name]
+            grown = name.endswith("char_position_embed.weight") and value.shape[0] <= target.shape[0]
+            if value.shape != target.shape and not (grown and value.shape[1:] == target.shape[1:]):
+                raise ValueError(f"{run}: {name} has shape {tuple(value.shape)}, this decoder {tuple(target.shape)}")
+            target[: value.shape[0]] = value
+        self.generator.load_state_dict(state)
+
     def describe(self) -> str:
         return "CTC decoder"
 
     def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded inputs (batch, tokens, in) and token ids (batch, tokens), frame lengths,
-        concatenated targets and their lengths."""
+        """Padded inputs (batch, tokens, in) and the tokens' spelling windows (batch, tokens, window;
+        -1 pads), frame lengths, concatenated targets and their lengths."""
         inputs = [self.data.inputs(i, self.config.token_embedding) for i in ids]
         padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-        token_ids = torch.nn.utils.rnn.pad_sequence([self.data.token_ids[self.data.tokens(i)] for i in ids], batch_first=True)
+        token_ids = torch.nn.utils.rnn.pad_sequence([self.data.token_ids[self.data.tokens(i)] for i in ids], batch_first=True,
+                                                    padding_value=-1)
+        windows = spelling_windows(token_ids, self.config.spelling_before, self.config.spelling_after)
         frames = torch.tensor([len(x) * self.config.upsample_factor for x in inputs])
         targets = [self.data.unit_targets(i) for i in ids]
-        return (padded.to(self.device), token_ids.to(self.device), frames, torch.cat(targets),
+        return (padded.to(self.device), windows.to(self.device), frames, torch.cat(targets),
                 torch.tensor([len(t) for t in targets]))
 
     def logits(self, inputs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

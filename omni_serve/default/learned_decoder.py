@@ -50,6 +50,7 @@ def attach_learned_decoder(folder: Path, trained: Path, llm: LlamaShape) -> dict
             "ctc_token_embedding": bool(shape["token_embedding"]),
             "ctc_token_positions": bool(shape["token_positions"]),
             "ctc_token_spelling": int(shape.get("token_spelling", 0)),
+            "ctc_spelling_context": [int(shape.get("spelling_before", 0)), int(shape.get("spelling_after", 0))],
             "ctc_decoder_step": shape.get("step"),
         },
     }

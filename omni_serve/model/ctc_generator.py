@@ -124,12 +124,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class SpellingAttention(nn.Module):
-    """Each upsampled position attends to the characters of its own token.
+    """Each upsampled position attends to the characters of its own token (and of its neighbours).
 
     The LLM's hidden state and token embedding say what a token means, not how it is written, so a
     decoder trained on a few thousand sentences speaks words it never saw as noise. Spelling is
     what pronunciation follows; reading it lets the decoder learn letter-to-sound rules that carry
-    over to unseen words. Characters are the token's lower-cased UTF-8 bytes + 1 (0 pads).
+    over to unseen words. Characters are the token's lower-cased UTF-8 bytes + 1 (0 pads); with a
+    spelling context, the neighbours' characters follow the token's own in `length`.
     """
 
     def __init__(self, dim: int, heads: int, length: int) -> None:
@@ -162,12 +163,25 @@ class SpellingAttention(nn.Module):
 
 def token_spellings(tokenizer: PreTrainedTokenizerBase, rows: int, length: int) -> torch.Tensor:
     """(rows, length) characters of every token id for `SpellingAttention`: lower-cased UTF-8 bytes
-    + 1 of the token's text, cut to `length`, padded with 0 (ids past the tokenizer's stay empty)."""
+    + 1 of the token's text, cut to `length`, padded with 0. Special tokens (end of turn) are not
+    spoken and stay empty, as do ids past the tokenizer's."""
+    special = set(tokenizer.all_special_ids)
     texts = tokenizer.batch_decode([[i] for i in range(min(rows, len(tokenizer)))])
+    texts = ["" if i in special else text for i, text in enumerate(texts)]
     spelled = [[byte + 1 for byte in text.lower().encode("utf-8")[:length]] for text in texts]
     padded = [chars + [0] * (length - len(chars)) for chars in spelled]
     padded += [[0] * length] * (rows - len(padded))
     return torch.tensor(padded, dtype=torch.long)
+
+
+def spelling_windows(token_ids: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(batch, N) token ids -> (batch, N, 1 + after + before): each token, then the `after` tokens that
+    follow it, then the `before` that precede it (nearest first); -1 (no token) past either end and
+    where `token_ids` holds -1 (padding)."""
+    padded = F.pad(token_ids, (before, after), value=-1)
+    length = token_ids.shape[1]
+    offsets = [0, *range(1, after + 1), *range(-1, -before - 1, -1)]
+    return torch.stack([padded[:, before + offset : before + offset + length] for offset in offsets], dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -196,22 +210,30 @@ class CTCSpeechGenerator(nn.Module):
     within its token's `upsample_factor` positions, which rotary positions alone do not expose.
     `token_spelling` (characters per token, 0 for none) lets every position read the chosen token's
     characters (`SpellingAttention`); the caller passes the token ids, and the id -> characters
-    table (`token_spellings`) is set once with `set_spellings`.
+    table (`token_spellings`) is set once with `set_spellings`. `spelling_context` (before, after)
+    also lets it read that many neighbouring tokens' characters: a word split over several tokens
+    ("approx", "imately") or a number written a digit per token is pronounced by what follows, so
+    with `after` > 0 a streaming caller holds each token back until the next ones are chosen.
     """
 
     def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int,
-                 token_embedding: bool = False, token_positions: bool = False, token_spelling: int = 0) -> None:
+                 token_embedding: bool = False, token_positions: bool = False, token_spelling: int = 0,
+                 spelling_context: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         if token_spelling and not token_positions:
             raise ValueError("token_spelling needs token_positions: the positions of a token must differ to read its characters")
+        if any(spelling_context) and not token_spelling:
+            raise ValueError("spelling_context needs token_spelling")
         dim = layer_config.hidden_size
         self.upsample_factor = upsample_factor
+        self.spelling_context = (int(spelling_context[0]), int(spelling_context[1]))
         self.blank_id = unit_vocab_size
         self.input_proj = nn.Linear(llm_hidden * (2 if token_embedding else 1), dim)
         if token_positions:
             self.token_position_embed = nn.Embedding(upsample_factor, dim)
         if token_spelling:
-            self.spelling_attn = SpellingAttention(dim, layer_config.num_attention_heads, token_spelling)
+            window = 1 + sum(self.spelling_context)
+            self.spelling_attn = SpellingAttention(dim, layer_config.num_attention_heads, token_spelling * window)
             self.register_buffer("spellings", torch.zeros((0, token_spelling), dtype=torch.long), persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(layer_config) for _ in range(layer_config.num_hidden_layers))
         self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
@@ -219,8 +241,9 @@ class CTCSpeechGenerator(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def set_spellings(self, table: torch.Tensor) -> None:
-        """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through."""
-        self.spellings = table.to(self.spellings.device)
+        """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through;
+        an empty row is added last, so that id -1 (no token) reads as nothing."""
+        self.spellings = torch.cat([table, table.new_zeros(1, table.shape[1])]).to(self.spellings.device)
 
     def forward(self, hidden: torch.Tensor, cache: DecoderCache | list[DecoderCache] | None = None,
                 token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,8 +251,9 @@ class CTCSpeechGenerator(nn.Module):
 
         Without a cache the rows are whole sequences (the reference's full run). With one cache per
         row (a single cache for one row), each row continues its own stream and its cache is
-        extended in place; the rows' linear layers run as one batch. `token_ids` (batch, N), the
-        tokens the states chose, are needed with `token_spelling` only.
+        extended in place; the rows' linear layers run as one batch. `token_ids`, needed with
+        `token_spelling` only: (batch, N) the tokens the states chose, or with a spelling context
+        (batch, N, window) their `spelling_windows`.
         """
         caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))
@@ -243,7 +267,11 @@ class CTCSpeechGenerator(nn.Module):
         if hasattr(self, "spelling_attn"):
             if token_ids is None or len(self.spellings) == 0:
                 raise ValueError("this decoder reads token spellings: pass token_ids and call set_spellings first")
-            x = x + self.spelling_attn(x, self.spellings[token_ids.to(self.spellings.device)])
+            window = token_ids if token_ids.dim() == 3 else token_ids.unsqueeze(-1)
+            if window.shape[-1] != 1 + sum(self.spelling_context):
+                raise ValueError(f"this decoder reads {1 + sum(self.spelling_context)} tokens' spellings per token")
+            spelling = self.spellings[window.to(self.spellings.device)]
+            x = x + self.spelling_attn(x, spelling.flatten(-2))
         starts = [c.length for c in caches] if caches is not None else [0]
         steps = torch.arange(hidden.shape[1] * self.upsample_factor, device=x.device, dtype=torch.float32)
         positions = torch.tensor(starts, device=x.device, dtype=torch.float32)[:, None] + steps  # (rows, new)

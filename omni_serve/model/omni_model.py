@@ -49,7 +49,7 @@ class OmniSpeechLlama(nn.Module):
             self.speech_generator = CTCSpeechGenerator(
                 config.llm.hidden_size, config.ctc_layer_config(), config.ctc_upsample_factor, config.unit_vocab_size,
                 token_embedding=config.ctc_token_embedding, token_positions=config.ctc_token_positions,
-                token_spelling=config.ctc_token_spelling,
+                token_spelling=config.ctc_token_spelling, spelling_context=config.ctc_spelling_context,
             )
 
     def new_cache(self) -> DynamicCache:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from omni_serve.model.config import OmniConfig
-from omni_serve.model.ctc_generator import CTCSpeechGenerator, DecoderCache, ctc_collapse
+from omni_serve.model.ctc_generator import CTCSpeechGenerator, DecoderCache, ctc_collapse, spelling_windows
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.vocoder import UnitHiFiGAN, load_unit_hifigan
 
@@ -52,7 +52,9 @@ class CTCUnitStream:
     """Incremental CTC decoding: only the new token's upsampled positions run, against a KV cache.
 
     `token_embeddings` (the LLM's input embedding table) is given when the decoder reads the chosen
-    token's embedding beside the hidden state that chose it.
+    token's embedding beside the hidden state that chose it. A decoder that reads the spelling of
+    the `after` tokens that follow each token (`spelling_context`) gets each token once they are
+    chosen: the stream holds that many tokens back, and `finish` decodes them at the answer's end.
     """
 
     def __init__(self, generator: CTCSpeechGenerator, token_embeddings: nn.Embedding | None = None) -> None:
@@ -61,6 +63,9 @@ class CTCUnitStream:
         self.cache = DecoderCache()
         self.last_frame: int | None = None
         self.frames: list[int] = []
+        self.before, self.after = generator.spelling_context
+        self.waiting: list[tuple[torch.Tensor, int]] = []  # (hidden state, token) not decoded yet
+        self.decoded: list[int] = []  # the last `before` tokens decoded
 
     def push(self, hidden: torch.Tensor, token_id: int, text: str) -> list[int]:
         return self.push_many([self], hidden.view(1, -1), [token_id])[0]
@@ -68,12 +73,41 @@ class CTCUnitStream:
     @staticmethod
     @torch.inference_mode()
     def push_many(streams: list[CTCUnitStream], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
-        """One new hidden state (row of `hidden`) and the token it chose per stream, decoded in one pass."""
+        """One new hidden state (row of `hidden`) and the token it chose per stream; the streams whose
+        oldest waiting token now has all the tokens it reads decode it, in one pass."""
+        for stream, row, token in zip(streams, hidden, tokens):
+            stream.waiting.append((row, token))
+        ready = [i for i, stream in enumerate(streams) if len(stream.waiting) > stream.after]
+        results: list[list[int]] = [[] for _ in streams]
+        if ready:
+            taken = [streams[i]._take(1) for i in ready]
+            states = torch.stack([state[0] for state, _ in taken])
+            windows = torch.cat([window for _, window in taken])
+            decoded = CTCUnitStream._decode([streams[i] for i in ready], states.unsqueeze(1), windows)
+            for i, units in zip(ready, decoded):
+                results[i] = units
+        return results
+
+    def _take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` oldest waiting hidden states (count, hidden) and their spelling windows
+        (1, count, window), removed from the queue; tokens not chosen (yet) read as -1."""
+        known = [token for _, token in self.waiting]
+        history = self.decoded[-self.before :] if self.before else []
+        ids = torch.tensor([[-1] * (self.before - len(history)) + history + known + [-1] * self.after])
+        windows = spelling_windows(ids, self.before, self.after)[:, self.before : self.before + count]
+        states = torch.stack([state for state, _ in self.waiting[:count]])
+        self.decoded = (self.decoded + known[:count])[-self.before :] if self.before else []
+        del self.waiting[:count]
+        return states, windows
+
+    @staticmethod
+    def _decode(streams: list[CTCUnitStream], hidden: torch.Tensor, windows: torch.Tensor) -> list[list[int]]:
+        """Decoder pass over (rows, N, hidden) new states of each stream; the units they make final."""
         generator, embeddings = streams[0].generator, streams[0].token_embeddings
-        chosen_ids = torch.tensor(tokens, device=hidden.device)
         if embeddings is not None:
-            hidden = torch.cat([hidden, embeddings(chosen_ids).to(hidden.dtype)], dim=-1)
-        logits = generator(hidden.unsqueeze(1), [stream.cache for stream in streams], token_ids=chosen_ids[:, None])
+            chosen = embeddings(windows[..., 0].to(hidden.device)).to(hidden.dtype)
+            hidden = torch.cat([hidden, chosen], dim=-1)
+        logits = generator(hidden, [stream.cache for stream in streams], token_ids=windows.to(hidden.device))
         return [stream._collapse(frames) for stream, frames in zip(streams, logits.argmax(dim=-1).tolist())]
 
     def _collapse(self, frames: list[int]) -> list[int]:
@@ -82,8 +116,12 @@ class CTCUnitStream:
         self.frames.extend(frames)
         return units
 
+    @torch.inference_mode()
     def finish(self) -> list[int]:
-        return []
+        if not self.waiting:
+            return []
+        states, windows = self._take(len(self.waiting))
+        return self._decode([self], states.unsqueeze(0), windows)[0]
 
 
 def push_units(streams: list[UnitStream], hidden: torch.Tensor, tokens: list[int], texts: list[str]) -> list[list[int]]:
