@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="greedy answers of the LLM to questions about this many everyday words")
     parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...)")
     parser.add_argument("--seed", type=int, default=1,
-                        help="shuffle of the vocabulary and number sentences (another seed: other sentences)")
+                        help="shuffle of the vocabulary and number sentences and of the word questions (another seed: others)")
     parser.add_argument("--exclude", type=Path, help="JSON of held-out questions whose key words no text may hold")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest text, in tokens (cut at a word)")
     parser.add_argument("--answer-tokens", type=int, default=64, help="longest greedy answer, in tokens")
