@@ -65,7 +65,7 @@ class CTCUnitStream:
         self.frames: list[int] = []
         self.before, self.after = generator.spelling_context
         self.waiting: list[tuple[torch.Tensor, int]] = []  # (hidden state, token) not decoded yet
-        self.decoded: list[int] = []  # the last `before` tokens decoded
+        self.decoded: list[int] = []  # the last `before` tokens decoded (never more)
 
     def push(self, hidden: torch.Tensor, token_id: int, text: str) -> list[int]:
         return self.push_many([self], hidden.view(1, -1), [token_id])[0]
@@ -92,8 +92,7 @@ class CTCUnitStream:
         """The `count` oldest waiting hidden states (count, hidden) and their spelling windows
         (1, count, window), removed from the queue; tokens not chosen (yet) read as -1."""
         known = [token for _, token in self.waiting]
-        history = self.decoded[-self.before :] if self.before else []
-        ids = torch.tensor([[-1] * (self.before - len(history)) + history + known + [-1] * self.after])
+        ids = torch.tensor([[-1] * (self.before - len(self.decoded)) + self.decoded + known + [-1] * self.after])
         windows = spelling_windows(ids, self.before, self.after)[:, self.before : self.before + count]
         states = torch.stack([state for state, _ in self.waiting[:count]])
         self.decoded = (self.decoded + known[:count])[-self.before :] if self.before else []
