@@ -262,9 +262,19 @@ def test_a_run_warm_started_from_another_keeps_its_weights_and_grows_the_context
     assert all(torch.equal(state[name], value) for name, value in old.items() if name != positions)
     assert main(common + ["--out", str(tmp_path / "cli"), "--init-from", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "cli" / SHAPE_FILE).read_text())["spelling_after"] == 2
+    longer = Trainer(data, tmp_path / "longer", TrainConfig(**{**CONTEXT.__dict__, "token_spelling": 8, "spelling_before": 2}),
+                     device="cpu", tokenizer=fixture_model.tokenizer)
+    longer.warm_start(tmp_path / "cli")  # 8 characters a token, a second token before
+    trained = torch.load(tmp_path / "cli" / CHECKPOINT_FILE, weights_only=False)["model"][positions]
+    moved = longer.generator.state_dict()[positions]
+    assert moved.shape == (5 * 8, 32)
+    for slot in range(4):  # the token, 1st and 2nd after, 1st before: the same slots in both layouts
+        assert torch.equal(moved[slot * 8 : slot * 8 + 6], trained[slot * 6 : slot * 6 + 6])
+    with pytest.raises(ValueError, match="fewer characters or neighbours"):
+        Trainer(data, tmp_path / "shorter", SPELLING, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path / "cli")
     with pytest.raises(SystemExit, match="--init-from"):  # another decoder width
         main(common + ["--out", str(tmp_path / "wide"), "--hidden", "64", "--init-from", str(tmp_path / "cli")])
-    with pytest.raises(SystemExit, match="--spelling-context needs --spelling"):
+    with pytest.raises(SystemExit, match="--spelling-context and --number-places need --spelling"):
         main(base + ["--out", str(tmp_path / "no"), "--spelling-context", "1", "1"])
 
 

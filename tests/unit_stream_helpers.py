@@ -25,6 +25,6 @@ def streamed_and_offline_units(model: OmniModel, question: str, max_new_tokens: 
     with torch.inference_mode():
         hidden = HiddenStateCapture(model, DataOptions()).teacher_forced(question, answer)
         inputs = torch.cat([hidden, model.network.embed_tokens(torch.tensor(answer)).float()], dim=-1)
-        windows = spelling_windows(torch.tensor([answer]), *generator.spelling_context)
+        windows = spelling_windows(torch.tensor([generator.spelling_rows(answer)]), *generator.spelling_context)
         logits = generator(inputs.unsqueeze(0), token_ids=windows)
     return events, ctc_collapse(logits[0].argmax(-1).tolist(), generator.blank_id)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=(defaults.spelling_before, defaults.spelling_after),
                         help="also read the spelling of this many tokens before and after each token "
                              "(streaming then holds AFTER tokens back)")
+    parser.add_argument("--number-places", action="store_true",
+                        help="spell each digit by its place in its number (the 1 of 149 as 100; streaming "
+                             "then holds a number's digits back until it ends)")
     parser.add_argument("--init-from", default=None,
                         help="start a new run from another run folder's decoder (same shape; the spelling "
                              "context may grow)")
@@ -47,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
                          upsample_factor=args.upsample, token_embedding=not args.hidden_only,
                          token_spelling=args.spelling, spelling_before=args.spelling_context[0],
-                         spelling_after=args.spelling_context[1], **run_fields(args))
+                         spelling_after=args.spelling_context[1], number_places=args.number_places,
+                         **run_fields(args))
     if args.spelling and not args.model_path:
         raise SystemExit("--spelling needs --model-path: the model folder whose tokenizer made the data")
-    if any(args.spelling_context) and not args.spelling:
-        raise SystemExit("--spelling-context needs --spelling")
+    if (any(args.spelling_context) or args.number_places) and not args.spelling:
+        raise SystemExit("--spelling-context and --number-places need --spelling")
     if min(args.spelling_context) < 0:
         raise SystemExit("--spelling-context takes two counts of tokens, 0 or more")
     data = CTCData.load_all([Path(path) for path in args.data])

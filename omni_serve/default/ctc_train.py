@@ -24,6 +24,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerBase
 from omni_serve.default.ctc_data import CTCData
 from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
 from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, spelling_windows, token_spellings
+from omni_serve.model.number_places import NumberPlaces
 
 WEIGHTS_FILE = "ctc_decoder.safetensors"
 SHAPE_FILE = "ctc_decoder.json"
@@ -43,6 +44,7 @@ class TrainConfig(RunSettings):
     token_spelling: int = 0  # characters of the chosen token each position reads (0: none)
     spelling_before: int = 0  # tokens before each token whose characters it reads too
     spelling_after: int = 0  # tokens after it (streaming then holds each token back that many)
+    number_places: bool = False  # digits spelled by their place in their number (streaming holds numbers back)
 
 
 def make_generator(config: TrainConfig, data: CTCData) -> CTCSpeechGenerator:
@@ -71,6 +73,21 @@ def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable])
     return previous[-1]
 
 
+def spelling_position_rows(old: TrainConfig, new: TrainConfig) -> list[tuple[int, int]]:
+    """(old row, new row) of every spelling position `old` has: the same character of the same token
+    (the token itself, the k-th after it, the k-th before it) in the window layout of `spelling_windows`,
+    whose rows are the token's characters, then each neighbour's. A decoder cannot lose characters or
+    neighbours it reads."""
+    def slots(config: TrainConfig) -> list[int]:  # 0: the token, k: k-th after, -k: k-th before
+        return [0, *range(1, config.spelling_after + 1), *range(-1, -config.spelling_before - 1, -1)]
+
+    if new.token_spelling < old.token_spelling or not set(slots(old)) <= set(slots(new)):
+        raise ValueError("the decoder would read fewer characters or neighbours than the one it starts from")
+    new_slots = slots(new)
+    return [(slot * old.token_spelling + char, new_slots.index(token) * new.token_spelling + char)
+            for slot, token in enumerate(slots(old)) for char in range(old.token_spelling)]
+
+
 class Trainer(ResumableTraining):
     """One training run in `out`, new or resumed from its checkpoint. `tokenizer` (the one that made
     the data) spells tokens for a decoder that reads spellings."""
@@ -87,7 +104,11 @@ class Trainer(ResumableTraining):
         if config.token_spelling:
             if tokenizer is None:
                 raise ValueError("a decoder that reads token spellings needs the tokenizer that made the data")
-            self.generator.set_spellings(token_spellings(tokenizer, len(tokenizer), config.token_spelling))
+            table = token_spellings(tokenizer, len(tokenizer), config.token_spelling)
+            places = NumberPlaces.for_tokenizer(tokenizer, len(table)) if config.number_places else None
+            self.generator.set_spellings(table, places)
+        elif config.number_places:
+            raise ValueError("number_places needs token_spelling")
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.step = 0
@@ -124,19 +145,23 @@ class Trainer(ResumableTraining):
 
     def warm_start(self, run: Path) -> None:
         """Begin this new run from the decoder of another run (its checkpoint), so that giving a trained
-        decoder a spelling context costs a fine-tune rather than a run from scratch. Every weight must
-        match by name and shape, except the spelling position table, which grows with the context:
-        its old rows (the token's own characters, first in every window) are kept, the rest stay new."""
-        old = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
+        decoder a spelling context or longer spellings costs a fine-tune rather than a run from
+        scratch. Every weight must match by name and shape, except the spelling position table, which
+        grows with the context and the characters read per token: each of its old rows moves to the
+        row of the same character of the same neighbour (`spelling_position_rows`), the rest stay new."""
+        checkpoint = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        old, old_config = checkpoint["model"], TrainConfig(**checkpoint["config"])
         state = self.generator.state_dict()
         if set(old) != set(state):
             raise ValueError(f"{run} holds a decoder of another kind (weights differ: {sorted(set(old) ^ set(state))})")
         for name, value in old.items():
-            target = state[name]
-            grown = name.endswith("char_position_embed.weight") and value.shape[0] <= target.shape[0]
-            if value.shape != target.shape and not (grown and value.shape[1:] == target.shape[1:]):
-                raise ValueError(f"{run}: {name} has shape {tuple(value.shape)}, this decoder {tuple(target.shape)}")
-            target[: value.shape[0]] = value
+            if name.endswith("char_position_embed.weight") and value.shape != state[name].shape:
+                moves = spelling_position_rows(old_config, self.config)
+                state[name][[new for _, new in moves]] = value[[old_row for old_row, _ in moves]]
+            elif value.shape != state[name].shape:
+                raise ValueError(f"{run}: {name} has shape {tuple(value.shape)}, this decoder {tuple(state[name].shape)}")
+            else:
+                state[name] = value
         self.generator.load_state_dict(state)
 
     def describe(self) -> str:
@@ -147,8 +172,8 @@ class Trainer(ResumableTraining):
         -1 pads), frame lengths, concatenated targets and their lengths."""
         inputs = [self.data.inputs(i, self.config.token_embedding) for i in ids]
         padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-        token_ids = torch.nn.utils.rnn.pad_sequence([self.data.token_ids[self.data.tokens(i)] for i in ids], batch_first=True,
-                                                    padding_value=-1)
+        rows = [torch.tensor(self.generator.spelling_rows(self.data.token_ids[self.data.tokens(i)].tolist())) for i in ids]
+        token_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
         windows = spelling_windows(token_ids, self.config.spelling_before, self.config.spelling_after)
         frames = torch.tensor([len(x) * self.config.upsample_factor for x in inputs])
         targets = [self.data.unit_targets(i) for i in ids]

@@ -51,6 +51,7 @@ def attach_learned_decoder(folder: Path, trained: Path, llm: LlamaShape) -> dict
             "ctc_token_positions": bool(shape["token_positions"]),
             "ctc_token_spelling": int(shape.get("token_spelling", 0)),
             "ctc_spelling_context": [int(shape.get("spelling_before", 0)), int(shape.get("spelling_after", 0))],
+            "ctc_number_places": bool(shape.get("number_places", False)),
             "ctc_decoder_step": shape.get("step"),
         },
     }

@@ -8,6 +8,7 @@ before them. The units for earlier tokens never change, which is what makes stre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from omni_serve.model.number_places import NumberPlaces
 
 
 class RMSNorm(nn.Module):
@@ -209,11 +212,12 @@ class CTCSpeechGenerator(nn.Module):
     caller concatenates the two. `token_positions` adds a learned embedding of each position's index
     within its token's `upsample_factor` positions, which rotary positions alone do not expose.
     `token_spelling` (characters per token, 0 for none) lets every position read the chosen token's
-    characters (`SpellingAttention`); the caller passes the token ids, and the id -> characters
+    characters (`SpellingAttention`); the caller passes the tokens' rows of the spelling table
+    (`spelling_rows`: their ids, or for digits spelled by place the rows of `NumberPlaces`), and the
     table (`token_spellings`) is set once with `set_spellings`. `spelling_context` (before, after)
     also lets it read that many neighbouring tokens' characters: a word split over several tokens
-    ("approx", "imately") or a number written a digit per token is pronounced by what follows, so
-    with `after` > 0 a streaming caller holds each token back until the next ones are chosen.
+    ("approx", "imately") is pronounced by what follows, so with `after` > 0 a streaming caller
+    holds each token back until the next ones are chosen (and a number's digits until it ends).
     """
 
     def __init__(self, llm_hidden: int, layer_config: LlamaConfig, upsample_factor: int, unit_vocab_size: int,
@@ -235,15 +239,30 @@ class CTCSpeechGenerator(nn.Module):
             window = 1 + sum(self.spelling_context)
             self.spelling_attn = SpellingAttention(dim, layer_config.num_attention_heads, token_spelling * window)
             self.register_buffer("spellings", torch.zeros((0, token_spelling), dtype=torch.long), persistent=False)
+        self.number_places: NumberPlaces | None = None
         self.layers = nn.ModuleList(DecoderLayer(layer_config) for _ in range(layer_config.num_hidden_layers))
         self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
         inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def set_spellings(self, table: torch.Tensor) -> None:
-        """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through;
-        an empty row is added last, so that id -1 (no token) reads as nothing."""
-        self.spellings = torch.cat([table, table.new_zeros(1, table.shape[1])]).to(self.spellings.device)
+    def set_spellings(self, table: torch.Tensor, number_places: NumberPlaces | None = None) -> None:
+        """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through,
+        with `number_places`' rows after it when digits are spelled by their place; an empty row is
+        added last, so that id -1 (no token) reads as nothing."""
+        rows = [table] if number_places is None else [table, number_places.spellings(table.shape[1])]
+        if number_places is not None and number_places.first_row != len(table):
+            raise ValueError("the place rows of number_places must follow the token table")
+        self.spellings = torch.cat([*rows, table.new_zeros(1, table.shape[1])]).to(self.spellings.device)
+        self.number_places = number_places
+
+    def spelling_rows(self, token_ids: Sequence[int]) -> list[int]:
+        """The spelling-table row of each token of a sequence (its id, unless it is a digit spelled by
+        its place; the sequence's end closes a number)."""
+        return list(token_ids) if self.number_places is None else self.number_places.rows(token_ids)
+
+    def settled_tokens(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of an unfinished sequence have their final spelling row."""
+        return len(token_ids) if self.number_places is None else self.number_places.settled(token_ids)
 
     def forward(self, hidden: torch.Tensor, cache: DecoderCache | list[DecoderCache] | None = None,
                 token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,8 +271,8 @@ class CTCSpeechGenerator(nn.Module):
         Without a cache the rows are whole sequences (the reference's full run). With one cache per
         row (a single cache for one row), each row continues its own stream and its cache is
         extended in place; the rows' linear layers run as one batch. `token_ids`, needed with
-        `token_spelling` only: (batch, N) the tokens the states chose, or with a spelling context
-        (batch, N, window) their `spelling_windows`.
+        `token_spelling` only: (batch, N) the spelling rows of the tokens the states chose
+        (`spelling_rows`), or with a spelling context (batch, N, window) their `spelling_windows`.
         """
         caches = [cache] if isinstance(cache, DecoderCache) else cache
         x = self.input_proj(hidden.to(self.input_proj.weight.dtype))

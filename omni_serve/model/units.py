@@ -54,7 +54,8 @@ class CTCUnitStream:
     `token_embeddings` (the LLM's input embedding table) is given when the decoder reads the chosen
     token's embedding beside the hidden state that chose it. A decoder that reads the spelling of
     the `after` tokens that follow each token (`spelling_context`) gets each token once they are
-    chosen: the stream holds that many tokens back, and `finish` decodes them at the answer's end.
+    chosen, and one that spells digits by their place once their number has ended: the stream holds
+    those tokens back, and `finish` decodes them at the answer's end.
     """
 
     def __init__(self, generator: CTCSpeechGenerator, token_embeddings: nn.Embedding | None = None) -> None:
@@ -64,8 +65,8 @@ class CTCUnitStream:
         self.last_frame: int | None = None
         self.frames: list[int] = []
         self.before, self.after = generator.spelling_context
-        self.waiting: list[tuple[torch.Tensor, int]] = []  # (hidden state, token) not decoded yet
-        self.decoded: list[int] = []  # the last `before` tokens decoded (never more)
+        self.tokens: list[int] = []  # every token chosen so far: a number's spelling reads back to its start
+        self.waiting: list[torch.Tensor] = []  # hidden states of the last tokens, not decoded yet
 
     def push(self, hidden: torch.Tensor, token_id: int, text: str) -> list[int]:
         return self.push_many([self], hidden.view(1, -1), [token_id])[0]
@@ -74,38 +75,48 @@ class CTCUnitStream:
     @torch.inference_mode()
     def push_many(streams: list[CTCUnitStream], hidden: torch.Tensor, tokens: list[int]) -> list[list[int]]:
         """One new hidden state (row of `hidden`) and the token it chose per stream; the streams whose
-        oldest waiting token now has all the tokens it reads decode it, in one pass."""
+        oldest waiting tokens now have every spelling they read decode them, those with as many
+        ready tokens in one pass."""
         for stream, row, token in zip(streams, hidden, tokens):
-            stream.waiting.append((row, token))
-        ready = [i for i, stream in enumerate(streams) if len(stream.waiting) > stream.after]
+            stream.tokens.append(token)
+            stream.waiting.append(row)
+        by_count: dict[int, list[int]] = {}
+        for i, stream in enumerate(streams):
+            if count := stream._ready():
+                by_count.setdefault(count, []).append(i)
         results: list[list[int]] = [[] for _ in streams]
-        if ready:
-            taken = [streams[i]._take(1) for i in ready]
-            states = torch.stack([state[0] for state, _ in taken])
-            windows = torch.cat([window for _, window in taken])
-            decoded = CTCUnitStream._decode([streams[i] for i in ready], states.unsqueeze(1), windows)
+        for count, ready in by_count.items():
+            taken = [streams[i]._take(count) for i in ready]
+            states, windows, chosen = (torch.cat(parts) for parts in zip(*taken))
+            decoded = CTCUnitStream._decode([streams[i] for i in ready], states, windows, chosen)
             for i, units in zip(ready, decoded):
                 results[i] = units
         return results
 
-    def _take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `count` oldest waiting hidden states (count, hidden) and their spelling windows
-        (1, count, window), removed from the queue; tokens not chosen (yet) read as -1."""
-        known = [token for _, token in self.waiting]
-        ids = torch.tensor([[-1] * (self.before - len(self.decoded)) + self.decoded + known + [-1] * self.after])
-        windows = spelling_windows(ids, self.before, self.after)[:, self.before : self.before + count]
-        states = torch.stack([state for state, _ in self.waiting[:count]])
-        self.decoded = (self.decoded + known[:count])[-self.before :] if self.before else []
+    def _ready(self) -> int:
+        """How many waiting tokens have their own spelling and that of the `after` tokens they read final."""
+        decoded = len(self.tokens) - len(self.waiting)
+        return max(0, self.generator.settled_tokens(self.tokens) - self.after - decoded)
+
+    def _take(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The `count` oldest waiting hidden states (1, count, hidden), their spelling windows (1, count,
+        window) and tokens (1, count), removed from the queue; tokens not chosen (yet) read as -1."""
+        first = len(self.tokens) - len(self.waiting)
+        rows = torch.tensor([self.generator.spelling_rows(self.tokens)])
+        windows = spelling_windows(rows, self.before, self.after)[:, first : first + count]
+        chosen = torch.tensor([self.tokens[first : first + count]])
+        states = torch.stack(self.waiting[:count]).unsqueeze(0)
         del self.waiting[:count]
-        return states, windows
+        return states, windows, chosen
 
     @staticmethod
-    def _decode(streams: list[CTCUnitStream], hidden: torch.Tensor, windows: torch.Tensor) -> list[list[int]]:
-        """Decoder pass over (rows, N, hidden) new states of each stream; the units they make final."""
+    def _decode(streams: list[CTCUnitStream], hidden: torch.Tensor, windows: torch.Tensor,
+                chosen: torch.Tensor) -> list[list[int]]:
+        """Decoder pass over (rows, N, hidden) new states of each stream and the tokens they chose; the
+        units they make final."""
         generator, embeddings = streams[0].generator, streams[0].token_embeddings
         if embeddings is not None:
-            chosen = embeddings(windows[..., 0].to(hidden.device)).to(hidden.dtype)
-            hidden = torch.cat([hidden, chosen], dim=-1)
+            hidden = torch.cat([hidden, embeddings(chosen.to(hidden.device)).to(hidden.dtype)], dim=-1)
         logits = generator(hidden, [stream.cache for stream in streams], token_ids=windows.to(hidden.device))
         return [stream._collapse(frames) for stream, frames in zip(streams, logits.argmax(dim=-1).tolist())]
 
@@ -119,8 +130,7 @@ class CTCUnitStream:
     def finish(self) -> list[int]:
         if not self.waiting:
             return []
-        states, windows = self._take(len(self.waiting))
-        return self._decode([self], states.unsqueeze(0), windows)[0]
+        return self._decode([self], *self._take(len(self.waiting)))[0]
 
 
 def push_units(streams: list[UnitStream], hidden: torch.Tensor, tokens: list[int], texts: list[str]) -> list[list[int]]:
