@@ -247,6 +247,25 @@ def test_streams_with_a_spelling_context_hold_tokens_back_and_equal_the_full_pas
         assert units[i] == ctc_collapse(full[i], generator.blank_id) and units[i]
 
 
+def test_an_unspoken_end_token_is_not_decoded(fixture_model, data_file):
+    """A decoder trained on texts that end without an end-of-turn token does not decode one: pushing it
+    gives nothing, and the stream's frames are the full pass over the answer without it."""
+    data = CTCData.load(data_file)
+    generator = Trainer(data, Path("unused"), CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).generator.eval()
+    ids, hidden = data.token_ids[data.tokens(0)], data.hidden[data.tokens(0)].float()
+    end = fixture_model.tokenizer.eos_token_id
+    with torch.inference_mode():
+        full = generator(data.inputs(0, token_embedding=True).unsqueeze(0),
+                         token_ids=spelling_windows(ids.unsqueeze(0), 1, 2))[0].argmax(-1).tolist()
+    stream = CTCUnitStream(generator, fixture_model.network.model.embed_tokens, unspoken=frozenset({end}))
+    for position, token in enumerate(ids.tolist()):
+        stream.push(hidden[position], token, "")
+    waiting = len(stream.waiting)
+    assert stream.push(hidden[-1], end, "") == [] and len(stream.waiting) == waiting
+    stream.finish()
+    assert stream.frames == full
+
+
 def test_a_run_warm_started_from_another_keeps_its_weights_and_grows_the_context(fixture_model, data_file, tmp_path):
     data = CTCData.load(data_file)
     Trainer(data, tmp_path / "plain", replace_steps(2, SPELLING), device="cpu", tokenizer=fixture_model.tokenizer).run()

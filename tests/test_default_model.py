@@ -317,9 +317,16 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
     for key, value in load_file(str(CHECKPOINT_DIR / "ctc_decoder.safetensors")).items():
         assert torch.equal(generator.state_dict()[key], value.float()), key
 
-    events, offline = streamed_and_offline_units(model, QUESTION, max_new_tokens=24)
-    assert sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
-    assert offline and events[-1].units[: len(offline)] == offline  # an EOS token may add units after these
+    shape = json.loads((CHECKPOINT_DIR / "ctc_decoder.json").read_text())
+    assert model.config.ctc_number_places == shape.get("number_places", False)
+    assert not model.config.ctc_decode_end_token  # trained on texts without one: the end of turn adds no sound
+
+    # The second answer holds numbers ("365.25"): a decoder that spells digits by place holds them back.
+    for question in (QUESTION, "How many days are in a year?"):
+        events, offline = streamed_and_offline_units(model, question, max_new_tokens=24)
+        assert sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
+        assert offline and events[-1].units == offline
+    assert events[-1].stopped_on_eos and any(c.isdigit() for c in events[-1].text)
 
 
 def test_demo_launches_the_stack_on_the_built_model():

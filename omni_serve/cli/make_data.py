@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sentences holding each everyday word and name of the LLM's vocabulary this many times")
     parser.add_argument("--word-answers", type=int, default=0,
                         help="greedy answers of the LLM to questions about this many everyday words")
-    parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...)")
+    parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...); "
+                        "for a decoder trained with --number-places")
     parser.add_argument("--seed", type=int, default=1,
                         help="shuffle of the vocabulary and number sentences and of the word questions (another seed: others)")
     parser.add_argument("--exclude", type=Path, help="JSON of held-out questions whose key words no text may hold")

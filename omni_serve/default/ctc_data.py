@@ -152,9 +152,9 @@ def number_texts(count: int, seed: int) -> list[str]:
     """`count` sentences holding numbers in the forms LLM answers write them.
 
     A token "8" or "149" says nothing of its sound in its spelling; the decoder learns how digits are
-    read only from text that reads them. Deterministic for a seed. (Measured on the default: 600 more
-    steps with them taught the held-out number sentences but made the benchmark's answers with digits
-    worse, so the shipped decoder does without; see the model card.)
+    read only from text that reads them. Deterministic for a seed. (Measured on the default: without
+    `--number-places` they taught the held-out number sentences but made the benchmark's answers with
+    digits worse, since a digit's reading depends on the digits after it; see the model card.)
     """
     rng = random.Random(seed)
 

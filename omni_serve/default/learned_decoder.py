@@ -52,6 +52,7 @@ def attach_learned_decoder(folder: Path, trained: Path, llm: LlamaShape) -> dict
             "ctc_token_spelling": int(shape.get("token_spelling", 0)),
             "ctc_spelling_context": [int(shape.get("spelling_before", 0)), int(shape.get("spelling_after", 0))],
             "ctc_number_places": bool(shape.get("number_places", False)),
+            "ctc_decode_end_token": False,  # its training texts end without one: it would add a stray sound
             "ctc_decoder_step": shape.get("step"),
         },
     }

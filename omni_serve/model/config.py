@@ -59,6 +59,7 @@ class OmniConfig:
     ctc_token_spelling: int = 0  # characters of the chosen token the decoder reads (0: none)
     ctc_spelling_context: tuple[int, int] = (0, 0)  # tokens before / after whose spelling it reads too
     ctc_number_places: bool = False  # digits spelled by their place in their number ("1" of 149 as "100")
+    ctc_decode_end_token: bool = True  # the token that ends the answer is decoded too, as the reference does
     system_prompt: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +98,7 @@ class OmniConfig:
             ctc_token_spelling=int(omni.get("ctc_token_spelling", 0)),
             ctc_spelling_context=tuple(int(n) for n in omni.get("ctc_spelling_context", (0, 0))),
             ctc_number_places=bool(omni.get("ctc_number_places", False)),
+            ctc_decode_end_token=bool(omni.get("ctc_decode_end_token", True)),
             system_prompt=omni.get("system_prompt"),
             extras=omni,
         )

@@ -37,11 +37,17 @@ class OmniModel:
     device: torch.device
     name: str
 
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        """Tokens that end an answer: the config's EOS ids and the tokenizer's own."""
+        return frozenset(self.config.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+
     def new_unit_stream(self) -> UnitStream:
         """A fresh per-request unit generator of the kind the config names."""
         if self.config.unit_generator == "ctc":
             embeddings = self.network.model.embed_tokens if self.config.ctc_token_embedding else None
-            return CTCUnitStream(self.network.speech_generator, embeddings)
+            unspoken = frozenset() if self.config.ctc_decode_end_token else self.end_token_ids
+            return CTCUnitStream(self.network.speech_generator, embeddings, unspoken)
         from omni_serve.model.espeak import EspeakSettings, EspeakTextUnitStream
 
         return EspeakTextUnitStream(EspeakSettings.from_extras(self.config.extras))

@@ -55,12 +55,15 @@ class CTCUnitStream:
     token's embedding beside the hidden state that chose it. A decoder that reads the spelling of
     the `after` tokens that follow each token (`spelling_context`) gets each token once they are
     chosen, and one that spells digits by their place once their number has ended: the stream holds
-    those tokens back, and `finish` decodes them at the answer's end.
+    those tokens back, and `finish` decodes them at the answer's end. `unspoken` tokens (the end of
+    turn, for a decoder trained on texts that end without it) are not decoded at all.
     """
 
-    def __init__(self, generator: CTCSpeechGenerator, token_embeddings: nn.Embedding | None = None) -> None:
+    def __init__(self, generator: CTCSpeechGenerator, token_embeddings: nn.Embedding | None = None,
+                 unspoken: frozenset[int] = frozenset()) -> None:
         self.generator = generator
         self.token_embeddings = token_embeddings
+        self.unspoken = unspoken
         self.cache = DecoderCache()
         self.last_frame: int | None = None
         self.frames: list[int] = []
@@ -78,8 +81,9 @@ class CTCUnitStream:
         oldest waiting tokens now have every spelling they read decode them, those with as many
         ready tokens in one pass."""
         for stream, row, token in zip(streams, hidden, tokens):
-            stream.tokens.append(token)
-            stream.waiting.append(row)
+            if token not in stream.unspoken:
+                stream.tokens.append(token)
+                stream.waiting.append(row)
         by_count: dict[int, list[int]] = {}
         for i, stream in enumerate(streams):
             if count := stream._ready():
