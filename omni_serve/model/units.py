@@ -106,8 +106,9 @@ class CTCUnitStream:
         """The `count` oldest waiting hidden states (1, count, hidden), their spelling windows (1, count,
         window) and tokens (1, count), removed from the queue; tokens not chosen (yet) read as -1."""
         first = len(self.tokens) - len(self.waiting)
-        rows = torch.tensor([self.generator.spelling_rows(self.tokens)])
-        windows = spelling_windows(rows, self.before, self.after)[:, first : first + count]
+        start = max(0, first - self.before)  # the earliest token a window reads
+        rows = torch.tensor([self.generator.spelling_rows(self.tokens)[start:]])
+        windows = spelling_windows(rows, self.before, self.after)[:, first - start : first - start + count]
         chosen = torch.tensor([self.tokens[first : first + count]])
         states = torch.stack(self.waiting[:count]).unsqueeze(0)
         del self.waiting[:count]
