@@ -37,7 +37,7 @@ from omni_serve.default.ctc_train import (
     edit_distance,
 )
 from omni_serve.default.transcriber_data import Exclusions
-from omni_serve.model.ctc_generator import DecoderCache, ctc_collapse, spelling_windows, token_spellings
+from omni_serve.model.ctc_generator import DecoderCache, ctc_collapse, spelling_windows, token_spellings, token_texts
 from omni_serve.model.espeak import EspeakSettings, phonemizer_for
 from omni_serve.model.units import CTCUnitStream, push_units
 
@@ -162,7 +162,7 @@ def test_decoder_is_trained_with_the_rope_it_is_served_with(fixture_model, data_
 
 def test_token_spellings_hold_each_tokens_lower_cased_characters(fixture_model):
     tokenizer = fixture_model.tokenizer
-    table = token_spellings(tokenizer, len(tokenizer) + 3, 6)
+    table = token_spellings(token_texts(tokenizer), len(tokenizer) + 3, 6)
     assert table.shape == (len(tokenizer) + 3, 6) and not table[len(tokenizer):].any()
     pieces = []
     for token_id in tokenizer(" Cat sat quietly", add_special_tokens=False).input_ids:
@@ -403,7 +403,7 @@ def test_a_spelling_decoder_in_a_model_folder_streams_its_full_pass(fixture_mode
     generator = model.network.speech_generator
     assert model.config.ctc_token_spelling == config.token_spelling
     assert generator.spelling_context == (config.spelling_before, config.spelling_after)
-    table = token_spellings(model.tokenizer, llm.vocab_size, config.token_spelling)
+    table = token_spellings(token_texts(model.tokenizer), llm.vocab_size, config.token_spelling)
     assert torch.equal(generator.spellings[:-1], table) and not generator.spellings[-1].any()  # -1: no token
     events, offline = streamed_and_offline_units(model, "Tell me about the weather.", max_new_tokens=12)
     assert offline and events[-1].units[: len(offline)] == offline

@@ -12,7 +12,7 @@ from conftest import MODEL_DIR
 
 from omni_serve.default.ctc_data import CTCData, DataOptions, HiddenStateCapture, save_samples
 from omni_serve.default.ctc_train import TrainConfig, Trainer
-from omni_serve.model.ctc_generator import token_spellings
+from omni_serve.model.ctc_generator import token_spellings, token_texts
 from omni_serve.model.loader import load_tokenizer
 from omni_serve.model.number_places import MAX_PLACES, NumberPlaces
 from omni_serve.model.units import CTCUnitStream, push_units
@@ -74,7 +74,7 @@ def test_settled_tokens_never_change_their_row_as_the_sequence_goes_on():
 
 def test_the_tokenizers_digits_commas_and_points_are_found():
     tokenizer = load_tokenizer(MODEL_DIR)
-    places = NumberPlaces.for_tokenizer(tokenizer, len(tokenizer))
+    places = NumberPlaces.from_texts(token_texts(tokenizer), len(tokenizer))
     assert places.digits == {tokenizer.convert_tokens_to_ids(str(d)): d for d in range(10)}
     assert places.commas == {tokenizer.convert_tokens_to_ids(",")}
     assert places.points == {tokenizer.convert_tokens_to_ids(".")}
@@ -95,7 +95,7 @@ def test_a_place_spelling_decoder_streams_what_its_training_pass_computes(fixtur
     ids = data.token_ids[data.tokens(0)].tolist()
     start = next(p for p in range(1, len(ids) - 3) if all(ids.count(i) == 1 for i in ids[p : p + 3]))
     number = range(start, start + 3)
-    table = token_spellings(fixture_model.tokenizer, len(fixture_model.tokenizer), 6)
+    table = token_spellings(token_texts(fixture_model.tokenizer), len(fixture_model.tokenizer), 6)
     places = NumberPlaces(digits={ids[p]: d for p, d in zip(number, (1, 4, 9))}, commas=frozenset(),
                           points=frozenset(), first_row=len(table))
     generator.set_spellings(table, places)

@@ -23,8 +23,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from omni_serve.default.ctc_data import CTCData
 from omni_serve.default.training_run import CHECKPOINT_FILE, ResumableTraining, RunSettings, pick_device
-from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, spelling_windows, token_spellings
-from omni_serve.model.number_places import NumberPlaces
+from omni_serve.model.ctc_generator import CTCSpeechGenerator, ctc_collapse, spelling_windows
 
 WEIGHTS_FILE = "ctc_decoder.safetensors"
 SHAPE_FILE = "ctc_decoder.json"
@@ -104,9 +103,7 @@ class Trainer(ResumableTraining):
         if config.token_spelling:
             if tokenizer is None:
                 raise ValueError("a decoder that reads token spellings needs the tokenizer that made the data")
-            table = token_spellings(tokenizer, len(tokenizer), config.token_spelling)
-            places = NumberPlaces.for_tokenizer(tokenizer, len(table)) if config.number_places else None
-            self.generator.set_spellings(table, places)
+            self.generator.spell_tokens(tokenizer, len(tokenizer), config.number_places)
         elif config.number_places:
             raise ValueError("number_places needs token_spelling")
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.learning_rate,

@@ -164,14 +164,19 @@ class SpellingAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-def token_spellings(tokenizer: PreTrainedTokenizerBase, rows: int, length: int) -> torch.Tensor:
-    """(rows, length) characters of every token id for `SpellingAttention`: lower-cased UTF-8 bytes
-    + 1 of the token's text, cut to `length`, padded with 0. Special tokens (end of turn) are not
-    spoken and stay empty, as do ids past the tokenizer's."""
+def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text of every token id, decoded once (half a second for SmolLM2's 49,152) for the spelling
+    table and the number places. Special tokens (end of turn) are not spoken and read as ""."""
     special = set(tokenizer.all_special_ids)
-    texts = tokenizer.batch_decode([[i] for i in range(min(rows, len(tokenizer)))])
-    texts = ["" if i in special else text for i, text in enumerate(texts)]
-    spelled = [[byte + 1 for byte in text.lower().encode("utf-8")[:length]] for text in texts]
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return ["" if i in special else text for i, text in enumerate(texts)]
+
+
+def token_spellings(texts: list[str], rows: int, length: int) -> torch.Tensor:
+    """(rows, length) characters of every token id (`token_texts`) for `SpellingAttention`: lower-cased
+    UTF-8 bytes + 1 of the token's text, cut to `length`, padded with 0. Ids past the tokenizer's
+    stay empty."""
+    spelled = [[byte + 1 for byte in text.lower().encode("utf-8")[:length]] for text in texts[:rows]]
     padded = [chars + [0] * (length - len(chars)) for chars in spelled]
     padded += [[0] * length] * (rows - len(padded))
     return torch.tensor(padded, dtype=torch.long)
@@ -214,7 +219,7 @@ class CTCSpeechGenerator(nn.Module):
     `token_spelling` (characters per token, 0 for none) lets every position read the chosen token's
     characters (`SpellingAttention`); the caller passes the tokens' rows of the spelling table
     (`spelling_rows`: their ids, or for digits spelled by place the rows of `NumberPlaces`), and the
-    table (`token_spellings`) is set once with `set_spellings`. `spelling_context` (before, after)
+    table is set once with `spell_tokens` (or `set_spellings`). `spelling_context` (before, after)
     also lets it read that many neighbouring tokens' characters: a word split over several tokens
     ("approx", "imately") is pronounced by what follows, so with `after` > 0 a streaming caller
     holds each token back until the next ones are chosen (and a number's digits until it ends).
@@ -244,6 +249,13 @@ class CTCSpeechGenerator(nn.Module):
         self.output_proj = nn.Linear(dim, unit_vocab_size + 1)
         inv_freq, self.rope_scaling = _rope_frequencies(layer_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def spell_tokens(self, tokenizer: PreTrainedTokenizerBase, rows: int, number_places: bool = False) -> None:
+        """Spell the first `rows` token ids of `tokenizer` (`set_spellings`), digits by their place if
+        `number_places`; the vocabulary is decoded once for both."""
+        texts = token_texts(tokenizer)
+        table = token_spellings(texts, rows, self.spellings.shape[1])
+        self.set_spellings(table, NumberPlaces.from_texts(texts, len(table)) if number_places else None)
 
     def set_spellings(self, table: torch.Tensor, number_places: NumberPlaces | None = None) -> None:
         """The (vocabulary, token_spelling) table of `token_spellings` that token ids are read through,

@@ -12,10 +12,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from omni_serve.model.config import OmniConfig
-from omni_serve.model.ctc_generator import token_spellings
 from omni_serve.model.errors import CheckpointError
 from omni_serve.model.front_end import EncoderAdaptorFrontEnd, SpeechFrontEnd
-from omni_serve.model.number_places import NumberPlaces
 from omni_serve.model.omni_model import OmniSpeechLlama
 from omni_serve.model.prompt import PromptTemplate, template_from_config, tokenize_speech_prompt
 from omni_serve.model.speech_encoder import load_audio_encoder, resolve_speech_encoder
@@ -140,9 +138,7 @@ def load_model(model_path: str | Path, vocoder: str | Path | None = None, speech
     network = load_network(config, model_dir, torch_device, torch_dtype)
     tokenizer = load_tokenizer(model_dir)
     if config.unit_generator == "ctc" and config.ctc_token_spelling:
-        table = token_spellings(tokenizer, config.llm.vocab_size, config.ctc_token_spelling)
-        places = NumberPlaces.for_tokenizer(tokenizer, len(table)) if config.ctc_number_places else None
-        network.speech_generator.set_spellings(table, places)
+        network.speech_generator.spell_tokens(tokenizer, config.llm.vocab_size, config.ctc_number_places)
     template = template_from_config(config.extras)
     front_end = build_front_end(config, network, tokenizer, template, model_dir, speech_encoder, torch_device,
                                 torch_dtype)

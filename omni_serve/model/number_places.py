@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 MAX_PLACES = 11  # a digit followed by more digits than this is spelled as if followed by this many
 
@@ -34,8 +33,8 @@ class NumberPlaces:
     first_row: int
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, first_row: int) -> NumberPlaces:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    def from_texts(cls, texts: list[str], first_row: int) -> NumberPlaces:
+        """From the text of every token id (`ctc_generator.token_texts`)."""
         return cls(digits={i: int(text) for i, text in enumerate(texts) if len(text) == 1 and text in "0123456789"},
                    commas=frozenset(i for i, text in enumerate(texts) if text == ","),
                    points=frozenset(i for i, text in enumerate(texts) if text == "."),
