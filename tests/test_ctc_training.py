@@ -291,6 +291,9 @@ def test_a_run_warm_started_from_another_keeps_its_weights_and_grows_the_context
         assert torch.equal(moved[slot * 8 : slot * 8 + 6], trained[slot * 6 : slot * 6 + 6])
     with pytest.raises(ValueError, match="fewer characters or neighbours"):
         Trainer(data, tmp_path / "shorter", SPELLING, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path / "cli")
+    mirrored = TrainConfig(**{**CONTEXT.__dict__, "spelling_before": 2, "spelling_after": 1})  # same table size
+    with pytest.raises(ValueError, match="fewer characters or neighbours"):  # the 2nd token after is not read
+        Trainer(data, tmp_path / "mirrored", mirrored, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path / "cli")
     with pytest.raises(SystemExit, match="--init-from"):  # another decoder width
         main(common + ["--out", str(tmp_path / "wide"), "--hidden", "64", "--init-from", str(tmp_path / "cli")])
     with pytest.raises(SystemExit, match="--spelling-context and --number-places need --spelling"):
