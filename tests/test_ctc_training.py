@@ -300,6 +300,32 @@ def test_a_run_warm_started_from_another_keeps_its_weights_and_grows_the_context
         main(base + ["--out", str(tmp_path / "no"), "--spelling-context", "1", "1"])
 
 
+def test_a_run_warm_starts_from_an_exported_decoder_alone(fixture_model, data_file, tmp_path):
+    """The shipped decoder folder holds only the fp16 export, no training checkpoint: a fine-tune of
+    it starts from those weights, and refuses a decoder whose units are listed otherwise."""
+    data = CTCData.load(data_file)
+    Trainer(data, tmp_path / "run", replace_steps(2, CONTEXT), device="cpu", tokenizer=fixture_model.tokenizer).run()
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    for name in (WEIGHTS_FILE, SHAPE_FILE):
+        shutil.copy(tmp_path / "run" / name, exported / name)
+    trained = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=False)["model"]
+    longer = TrainConfig(**{**CONTEXT.__dict__, "token_spelling": 8})
+    tuned = Trainer(data, tmp_path / "tuned", longer, device="cpu", tokenizer=fixture_model.tokenizer)
+    tuned.warm_start(exported)
+    state = tuned.generator.state_dict()
+    positions = "spelling_attn.char_position_embed.weight"
+    assert torch.equal(state[positions][8:14], trained[positions][6:12].half().float())  # 1st after, moved
+    assert all(torch.equal(state[name], value.half().float()) for name, value in trained.items() if name != positions)
+    shape = json.loads((exported / SHAPE_FILE).read_text())
+    shape["units"] = shape["units"][::-1]
+    (exported / SHAPE_FILE).write_text(json.dumps(shape))
+    with pytest.raises(ValueError, match="other units"):
+        Trainer(data, tmp_path / "other", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(exported)
+    with pytest.raises(ValueError, match="neither"):
+        Trainer(data, tmp_path / "none", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path)
+
+
 def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
     assert SUBCOMMANDS["make-data"] == "omni_serve.cli.make_data" and SUBCOMMANDS["train"] == "omni_serve.cli.train"
     common = ["train", "--data", str(data_file), "--out", str(tmp_path), "--layers", "1", "--hidden", "32",

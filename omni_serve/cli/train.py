@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="spell each digit by its place in its number (the 1 of 149 as 100; streaming "
                              "then holds a number's digits back until it ends)")
     parser.add_argument("--init-from", default=None,
-                        help="start a new run from another run folder's decoder (same shape; the spelling "
-                             "context may grow)")
+                        help="start a new run from another run's decoder: its folder's checkpoint, or an exported "
+                             "decoder such as checkpoints/omni-smol (same shape; the spelling context may grow)")
     parser.add_argument("--model-path", default=None, help="model folder that made the data (its tokenizer spells tokens)")
     add_run_arguments(parser, defaults, threads=1,
                       threads_help="CPU threads (1 by default: on a shared 2-core machine 2 threads ran 20x slower)")

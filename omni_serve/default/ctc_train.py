@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from omni_serve.default.ctc_data import CTCData
@@ -141,13 +141,13 @@ class Trainer(ResumableTraining):
         self.generator.load_state_dict(state["model"])
 
     def warm_start(self, run: Path) -> None:
-        """Begin this new run from the decoder of another run (its checkpoint), so that giving a trained
-        decoder a spelling context or longer spellings costs a fine-tune rather than a run from
-        scratch. Every weight must match by name and shape, except the spelling position table, which
-        grows with the context and the characters read per token: each of its old rows moves to the
-        row of the same character of the same neighbour (`spelling_position_rows`), the rest stay new."""
-        checkpoint = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        old, old_config = checkpoint["model"], TrainConfig(**checkpoint["config"])
+        """Begin this new run from the decoder of another run (its checkpoint) or from an exported
+        decoder (`checkpoints/omni-smol` ships only that), so that giving a trained decoder a spelling
+        context, longer spellings or new text costs a fine-tune rather than a run from scratch. Every
+        weight must match by name and shape, except the spelling position table, which grows with the
+        context and the characters read per token: each of its old rows moves to the row of the same
+        character of the same neighbour (`spelling_position_rows`), the rest stay new."""
+        old, old_config = self._decoder_in(run)
         state = self.generator.state_dict()
         if set(old) != set(state):
             raise ValueError(f"{run} holds a decoder of another kind (weights differ: {sorted(set(old) ^ set(state))})")
@@ -160,6 +160,20 @@ class Trainer(ResumableTraining):
             else:
                 state[name] = value
         self.generator.load_state_dict(state)
+
+    def _decoder_in(self, run: Path) -> tuple[dict[str, torch.Tensor], TrainConfig]:
+        """The weights and shape of a run's checkpoint, else of its exported fp16 decoder (as float32,
+        whose units must be this data's, in this order: the output rows are read by position)."""
+        if (run / CHECKPOINT_FILE).is_file():
+            checkpoint = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            return checkpoint["model"], TrainConfig(**checkpoint["config"])
+        if not (run / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{run} holds neither a {CHECKPOINT_FILE} nor an exported {WEIGHTS_FILE}")
+        shape = json.loads((run / SHAPE_FILE).read_text())
+        if shape["units"] != self.data.unit_names:
+            raise ValueError(f"{run}'s decoder speaks other units than this data's")
+        weights = {name: value.float() for name, value in load_file(str(run / WEIGHTS_FILE)).items()}
+        return weights, TrainConfig(**{f.name: shape[f.name] for f in fields(TrainConfig) if f.name in shape})
 
     def describe(self) -> str:
         return "CTC decoder"
