@@ -135,7 +135,7 @@ def typed_answer(model: OmniModel, question: str, max_new_tokens: int) -> str:
     ids = tokenize_speech_prompt(model.tokenizer, prompt, first=True)
     network, cache = model.network, model.network.new_cache()
     step = network.step(network.embed_prompt(ids, []), cache)
-    eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
+    eos = model.end_token_ids
     tokens: list[int] = []
     while len(tokens) < max_new_tokens:
         token = int(step.logits[0].argmax())

@@ -221,11 +221,8 @@ class HiddenStateCapture:
     def __init__(self, model: OmniModel, options: DataOptions) -> None:
         self.model = model
         self.options = options
-        tokenizer = model.tokenizer
-        eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
-        end_of_turn = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)
-        self.eos_ids = eos
-        self.prompts = PromptBuilder(model, end_of_turn)
+        self.eos_ids = model.end_token_ids
+        self.prompts = PromptBuilder(model, model.end_of_turn_id)
         self.phonemizer = phonemizer_for(EspeakSettings())
         self.unit_index = {unit: i for i, unit in enumerate(EspeakSettings().units)}
 

@@ -50,9 +50,8 @@ class Engine:
         self.audio_limits = audio_limits
         self.max_context = max_context or int(model.config.raw.get("tokenizer_model_max_length")
                                                or model.config.llm.max_position_embeddings)
-        tokenizer = model.tokenizer
         self.eos_ids = set(model.end_token_ids)
-        self.end_of_turn_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.eos_ids)
+        self.end_of_turn_id = model.end_of_turn_id
         self._prompts = PromptBuilder(model, self.end_of_turn_id)
         self._inbox: queue.Queue[RequestState] = queue.Queue()
         self._active: list[RequestState] = []

@@ -40,6 +40,13 @@ class OmniModel:
         """Tokens that end an answer: the config's EOS ids and the tokenizer's own."""
         return frozenset(self.config.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn in the prompt: the tokenizer's EOS, else the lowest
+        of `end_token_ids`."""
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else min(self.end_token_ids)
+
     def new_unit_stream(self) -> UnitStream:
         """A fresh per-request unit generator of the kind the config names."""
         if self.config.unit_generator == "ctc":
