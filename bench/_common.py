@@ -53,16 +53,24 @@ MODEL_SHAPES = {
 PUBLISHED_VOCODER = {"upsample_initial_channel": 512, "embedding_dim": 128}
 
 
-def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] | None = None,
+               devices: bool = False) -> argparse.Namespace:
+    """The common options; `devices` adds --device and --dtype for scripts that can run on a GPU."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short run (under about a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement (median reported)")
     parser.add_argument("--omp-spin", action="store_true",
                         help="keep OpenMP's default spin-waiting (faster when idle, far slower on shared cores)")
+    if devices:
+        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+        parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16, "
+                                                           "bfloat16")
     if add:
         add(parser)
     args = parser.parse_args()
+    if devices and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     setup_torch()
     return args
 
@@ -83,6 +91,8 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     for _ in range(repeats):
         began = time.perf_counter()
         fn()
+        if torch.cuda.is_initialized():  # GPU work is queued: the time counts once it is done
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     return times
 
@@ -122,7 +132,8 @@ def machine_note() -> str:
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
     policy = os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)")
     policy += " (set after torch was imported: ignored)" if TORCH_FIRST else ""
-    return (f"torch {torch.__version__}, {THREADS} threads, OMP_WAIT_POLICY={policy}, load average "
+    gpu = f"GPU {torch.cuda.get_device_name()}, " if torch.cuda.is_initialized() else ""
+    return (f"{gpu}"f"torch {torch.__version__}, {THREADS} threads, OMP_WAIT_POLICY={policy}, load average "
             f"{' '.join(load)} (shared machine: figures are medians)")
 
 

@@ -26,6 +26,8 @@ from _common import FIXTURE_MODEL, emit_json, machine_note, median, parse_args, 
 
 import torch
 
+from omni_serve.model.loader import pick_dtype
+
 LENGTHS = (64, 128, 256, 512)
 DECODERS = {
     "fixture": {"hidden": 64, "decoder": "(2,64,4,128)"},
@@ -42,7 +44,8 @@ def build_decoder(name: str, seed: int = 0):
     if name == "fixture":
         from omni_serve.model.loader import load_model
 
-        return load_model(FIXTURE_MODEL, device="cpu").network.speech_generator
+        return load_model(FIXTURE_MODEL, device=str(torch.get_default_device()),
+                          dtype=str(torch.get_default_dtype()).removeprefix("torch.")).network.speech_generator
     spec = DECODERS[name]
     raw.update(hidden_size=spec["hidden"], ctc_decoder_config=spec["decoder"], max_position_embeddings=131072)
     config = OmniConfig.from_dict(raw)
@@ -136,7 +139,9 @@ def measure(name: str, lengths: tuple[int, ...], repeats: int, full_upto: int, q
 
 def main() -> None:
     args = parse_args("speech decoder cost vs answer length", lambda p: p.add_argument(
-        "--published", action="store_true", help="also the released decoder shape (slow: minutes)"))
+        "--published", action="store_true", help="also the released decoder shape (slow: minutes)"), devices=True)
+    torch.set_default_device(args.device)  # every decoder and random tensor below is made there
+    torch.set_default_dtype(pick_dtype(torch.device(args.device), args.dtype))
     repeats = args.repeats or (2 if args.quick else 5)
     if args.quick:  # the goal at 256 tokens on the fixture shape; the mid shape up to 128 only
         plan = [("fixture", (64, 128, 256), 256), ("mid", (64, 128), 128)]

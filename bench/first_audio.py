@@ -65,12 +65,12 @@ def one_request(engine, audio, first_chunk_units: int, max_new_tokens: int) -> d
             "vocoder_pushes": len(until_audio), "first_chunk_audio_ms": 1e3 * (first_chunk or 0.0)}
 
 
-def measure(name: str, repeats: int, max_new_tokens: int) -> dict:
+def measure(name: str, repeats: int, max_new_tokens: int, device: str, dtype: str) -> dict:
     from omni_serve.engine import Engine, load_audio
 
     folder = FIXTURE_MODEL if name == "fixture" else random_model_folder(name)
     vocoder = FIXTURE_VOCODER if name == "fixture" else None
-    engine = Engine.from_path(folder, vocoder=vocoder, device="cpu")
+    engine = Engine.from_path(folder, vocoder=vocoder, device=device, dtype=dtype)
     no_eos(engine)
     audio = load_audio(QUESTIONS[0])
     cases = [(chunk, None) for chunk in FIRST_CHUNKS] + [(10, ahead) for ahead in LOOKAHEADS if ahead is not None]
@@ -90,19 +90,19 @@ def measure(name: str, repeats: int, max_new_tokens: int) -> dict:
         row.update(first_chunk_units=chunk, lookahead_frames="exact" if ahead is None else ahead,
                    first_audio_all=[r["first_audio_s"] for r in results])
         rows.append(row)
-    return {"model": name, "repeats": repeats, "rows": rows}
+    return {"model": name, "placement": engine.placement, "repeats": repeats, "rows": rows}
 
 
 def main() -> None:
-    args = parse_args("time to first audio and its breakdown")
+    args = parse_args("time to first audio and its breakdown", devices=True)
     repeats = args.repeats or (1 if args.quick else 5)
-    results = [measure(name, repeats, 24) for name in ("fixture", "mid")]
+    results = [measure(name, repeats, 24, args.device, args.dtype) for name in ("fixture", "mid")]
     if args.json:
         emit_json({"bench": "first_audio", "note": machine_note(), "results": results})
         return
     print(f"Time to first audio, in-process, one request at a time (ms, medians). {machine_note()}")
     for res in results:
-        print_table(f"{res['model']}: median of {res['repeats']}",
+        print_table(f"{res['model']} ({res['placement']}): median of {res['repeats']}",
                     ["first chunk units", "lookahead", "first audio", "encoder", "prefill", "-> first token",
                      "tokens to chunk", "vocoder", "pushes", "first chunk audio"],
                     [[r["first_chunk_units"], r["lookahead_frames"], 1e3 * r["first_audio_s"], 1e3 * r["encode_s"],

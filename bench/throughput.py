@@ -70,7 +70,7 @@ def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -
             "cpu_ms_per_token": 1e3 * cpu / tokens}
 
 
-def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
+def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool, device: str, dtype: str) -> dict:
     from omni_serve.default.build import GENERATORS, build_default, variant_name
     from omni_serve.engine import Engine, load_audio
 
@@ -82,7 +82,7 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
         folder = build_default(generator=default_variants[name])
     else:
         folder = random_model_folder(name)
-    engine = Engine.from_path(folder, vocoder=vocoder, device="cpu", max_batch_size=max(STREAMS))
+    engine = Engine.from_path(folder, vocoder=vocoder, device=device, dtype=dtype, max_batch_size=max(STREAMS))
     no_eos(engine)
     audios = [load_audio(path) for path in QUESTIONS]
     try:
@@ -101,18 +101,19 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool) -> dict:
     for streams in STREAMS:
         rows[streams]["decode_speedup"] = rows[streams]["decode_tps"] / base["decode_tps"]
         rows[streams]["e2e_speedup"] = rows[streams]["e2e_tps"] / base["e2e_tps"]
-    return {"model": name, "max_new_tokens": max_new_tokens, "vocode": vocode, "repeats": repeats, "streams": rows,
+    return {"model": name, "placement": engine.placement, "max_new_tokens": max_new_tokens, "vocode": vocode, "repeats": repeats, "streams": rows,
             "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
 
 
 def main() -> None:
-    args = parse_args("engine throughput vs concurrent streams", add_options)
+    args = parse_args("engine throughput vs concurrent streams", add_options, devices=True)
     repeats = args.repeats or (1 if args.quick else 3)
     names = args.models.split(",")
     unknown = set(names) - set(MODEL_TOKENS)
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODEL_TOKENS)}")
-    results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode) for name in names]
+    results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode, args.device, args.dtype)
+               for name in names]
     if args.json:
         emit_json({"bench": "throughput", "note": machine_note(), "goal_speedup_at_8": GOAL_SPEEDUP, "results": results})
         return
@@ -122,7 +123,7 @@ def main() -> None:
                  r["cpu_ms_per_token"], " ".join(f"{v:.1f}" for v in r["decode_tps_all"])]
                 for n, r in res["streams"].items()]
         vocoder = "on" if res["vocode"] else "off"
-        print_table(f"{res['model']}: {res['max_new_tokens']} tokens per stream, vocoder {vocoder}, "
+        print_table(f"{res['model']} ({res['placement']}): {res['max_new_tokens']} tokens per stream, vocoder {vocoder}, "
                     f"median of {res['repeats']}; goal: decode speedup at 8 >= {GOAL_SPEEDUP}x "
                     f"({'met' if res['goal_met'] else 'MISSED'})",
                     ["streams", "decode tok/s", "speedup", "e2e tok/s", "speedup", "CPU ms/token", "decode tok/s runs"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,24 @@ torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("OMNI_TEST_DEVICE", "cpu"),
+                     help="device of the fixture model (cpu, cuda, cuda:1): run the parity and engine tests on a GPU")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Where the fixture model runs. On CUDA, TF32 is switched off: the parity tolerances are for fp32
+    arithmetic, and TF32 convolutions and matrix products keep only 10 mantissa bits."""
+    chosen = torch.device(request.config.getoption("--device"))
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.exit(f"--device {chosen} asked for, but torch sees no CUDA device", returncode=4)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return chosen
+
+
 @pytest.fixture(scope="session")
 def expected() -> dict:
     return json.loads((FIXTURES / "expected.json").read_text())
@@ -32,10 +51,10 @@ def intermediates() -> dict:
 
 
 @pytest.fixture(scope="session")
-def fixture_model():
+def fixture_model(device):
     from omni_serve.model.loader import load_model
 
-    return load_model(MODEL_DIR, vocoder=VOCODER_DIR, device="cpu")
+    return load_model(MODEL_DIR, vocoder=VOCODER_DIR, device=str(device))
 
 
 @pytest.fixture(scope="session")

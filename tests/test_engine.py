@@ -210,13 +210,15 @@ def test_history_and_typed_text_requests(engine, question_audio):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_path_runs_end_to_end(dtype, question_audio, expected):
-    """The CUDA dtypes, exercised on CPU: every module must accept half inputs (no GPU in CI)."""
+def test_half_precision_path_runs_end_to_end(dtype, device, question_audio, expected):
+    """The CUDA dtypes, on the tests' device (CPU in CI, where every module must still accept half inputs;
+    `--device cuda` on a GPU host)."""
     from conftest import MODEL_DIR, VOCODER_DIR
 
     from omni_serve.engine import Engine
 
-    engine = Engine.from_path(MODEL_DIR, vocoder=VOCODER_DIR, device="cpu", dtype=dtype)
+    engine = Engine.from_path(MODEL_DIR, vocoder=VOCODER_DIR, device=str(device), dtype=dtype)
+    assert engine.placement == f"{device} {dtype}"
     try:
         events = _run(engine, question_audio["q1"], max_new_tokens=8)
     finally:

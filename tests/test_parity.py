@@ -24,7 +24,7 @@ def test_audio_is_read_like_whisper(question, question_audio, expected):
 
 @pytest.mark.parametrize("question", QUESTIONS)
 def test_front_end_matches_reference(question, fixture_model, question_audio, intermediates):
-    mel, encoded, adapted = fixture_model.front_end.features(question_audio[question])
+    mel, encoded, adapted = (t.cpu() for t in fixture_model.front_end.features(question_audio[question]))
     torch.testing.assert_close(mel[0].T, intermediates[f"{question}.mel"], atol=1e-4, rtol=0)
     torch.testing.assert_close(encoded[0], intermediates[f"{question}.encoder_out"], atol=1e-4, rtol=0)
     torch.testing.assert_close(adapted[0], intermediates[f"{question}.speech_features"], atol=1e-3, rtol=0)
@@ -58,13 +58,14 @@ def test_every_step_logits_and_ctc_match(question, fixture_model, question_audio
         step = network.step(embeds, cache)
         logits, hidden = [step.logits[0]], [step.hidden[0]]
         for token in record["generated_ids"][:-1]:
-            step = network.step(network.embed_tokens(torch.tensor([[token]])), cache)
+            step = network.step(network.embed_tokens(torch.tensor([[token]], device=fixture_model.device)), cache)
             logits.append(step.logits[0])
             hidden.append(step.hidden[0])
         hidden = torch.stack(hidden)
-        torch.testing.assert_close(torch.stack(logits), intermediates[f"{question}.step_logits"], atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(hidden, intermediates[f"{question}.ctc_hidden"], atol=1e-3, rtol=1e-4)
-        ctc_logits = network.speech_generator(hidden.unsqueeze(0))[0]
+        torch.testing.assert_close(torch.stack(logits).cpu(), intermediates[f"{question}.step_logits"], atol=1e-3,
+                                   rtol=1e-4)
+        torch.testing.assert_close(hidden.cpu(), intermediates[f"{question}.ctc_hidden"], atol=1e-3, rtol=1e-4)
+        ctc_logits = network.speech_generator(hidden.unsqueeze(0))[0].cpu()
     torch.testing.assert_close(ctc_logits[:50], intermediates[f"{question}.ctc_logits_first50"], atol=1e-3, rtol=1e-4)
     frames = ctc_logits.argmax(-1).tolist()
     assert frames == record["ctc_pred_raw"]
@@ -92,11 +93,11 @@ def test_engine_reproduces_reference_generation(question, engine, question_audio
 @pytest.mark.parametrize("name,use_durations", [("units60_dur", True), ("units60_nodur", False)])
 def test_vocoder_matches_fairseq(name, use_durations, fixture_model, expected):
     model = fixture_model.vocoder.model
-    units = torch.tensor([expected["vocoder"]["units_60"]])
+    units = torch.tensor([expected["vocoder"]["units_60"]], device=fixture_model.device)
     run = expected["vocoder"]["runs"][name]
     if use_durations:
         assert model.durations(units)[0].tolist() == run["durations"]
-    audio = model(units, use_durations).numpy()
+    audio = model(units, use_durations).cpu().numpy()
     assert audio.size == run["num_samples"]
     np.testing.assert_allclose(audio, np.load(FIXTURES / "vocoder-outputs" / f"{name}.npy"), atol=1e-5, rtol=0)
 

@@ -19,6 +19,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from conftest import MODEL_DIR, VOCODER_DIR
 from serve_helpers import PRE_EXEC, Q2_WAV
 
@@ -127,6 +128,38 @@ def test_launch_serves_and_stops_cleanly_on_sigterm(expected):
         assert launched.process.wait(30) == 0
         assert launched.wait_for_line(r"\[launcher\] stopped", timeout_s=5) or "stopped" in launched.output()
         assert not any(_answers(url + "/health") for url in urls.values())  # every child is gone
+    finally:
+        launched.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU host")
+def test_launch_puts_one_worker_on_each_visible_gpu_in_half_precision():
+    """The default launch on a GPU host: no --cpu-workers, no --gpus; a worker per GPU, each pinned to its
+    own card and loaded in bf16 (fp16 where the card lacks bf16), answering through the controller."""
+    count = torch.cuda.device_count()
+    half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    env = _env()
+    env.pop("CUDA_VISIBLE_DEVICES")
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    launched = Launched("--model-path", str(MODEL_DIR), "--vocoder", str(VOCODER_DIR), "--controller-port", "0",
+                        "--heartbeat-interval", "1", env=env)
+    try:
+        assert launched.wait_for_line(r"Press Ctrl-C to stop", timeout_s=180), launched.output()
+        text = launched.output()
+        workers = re.findall(r"^\s+(worker-\d+)\s+http://\S+\s+\(GPU (\d+)\)", text, re.MULTILINE)
+        assert len(workers) == count and len({gpu for _, gpu in workers}) == count, text
+        assert len(re.findall(rf"\[worker-\d+\].*loaded .* on cuda {half}", text)) == count, text
+        controller = re.search(r"^\s+controller\s+(http://\S+)", text, re.MULTILINE).group(1)
+
+        async def ask():
+            async with ServeClient(controller) as client:
+                return await collect(client.stream(request_from_file(Q2_WAV, max_new_tokens=24)))
+
+        final, audio = asyncio.run(asyncio.wait_for(ask(), 60))
+        assert isinstance(final, FinalEvent) and final.token_ids and audio.size > 0
+        launched.process.send_signal(signal.SIGTERM)
+        assert launched.process.wait(30) == 0
     finally:
         launched.stop()
 

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     except OmniError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"loaded {engine.model_name} on {engine.placement}", file=sys.stderr, flush=True)
     try:
         run_server(create_app(settings, engine), settings.host, settings.port, log_level=args.log_level)
     finally:

@@ -74,6 +74,12 @@ class Engine:
         return self.model.name
 
     @property
+    def placement(self) -> str:
+        """Device and weight type, e.g. 'cuda bfloat16': what an operator checks first on a GPU host."""
+        dtype = self.model.network.lm_head.weight.dtype
+        return f"{self.model.device} {str(dtype).removeprefix('torch.')}"
+
+    @property
     def sample_rate(self) -> int | None:
         return self.model.vocoder.sample_rate if self.model.vocoder else None
 
