@@ -37,7 +37,7 @@ class TimedStream:
 
 
 def one_request(engine, audio, first_chunk_units: int, max_new_tokens: int) -> dict:
-    from omni_serve.engine import AudioChunk, Finished, GenerationOptions, SpeechRequest
+    from omni_serve.engine import AudioChunk, ErrorEvent, Finished, GenerationOptions, SpeechRequest
 
     pushes: list[tuple[float, int]] = []
     make_stream = engine.model.vocoder.stream
@@ -48,6 +48,8 @@ def one_request(engine, audio, first_chunk_units: int, max_new_tokens: int) -> d
         for event in engine.generate(SpeechRequest(audio, options)):
             if isinstance(event, AudioChunk) and first_chunk is None:
                 first_chunk = event.samples.size / event.sample_rate
+            if isinstance(event, ErrorEvent):
+                raise RuntimeError(event.message)
             if isinstance(event, Finished):
                 final = event
     finally:

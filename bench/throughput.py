@@ -71,15 +71,15 @@ def run_batch(engine, audios, streams: int, max_new_tokens: int, vocode: bool) -
 
 
 def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool, device: str, dtype: str) -> dict:
-    from omni_serve.default.build import GENERATORS, build_default, variant_name
     from omni_serve.engine import Engine, load_audio
 
     vocoder = FIXTURE_VOCODER if name == "fixture" else None
-    default_variants = {variant_name(generator): generator for generator in GENERATORS}
     if name == "fixture":
         folder = FIXTURE_MODEL
-    elif name in default_variants:
-        folder = build_default(generator=default_variants[name])
+    elif name.startswith("omni-smol"):
+        from omni_serve.default.build import GENERATORS, build_default, variant_name  # needs the default's extras
+
+        folder = build_default(generator={variant_name(g): g for g in GENERATORS}[name])
     else:
         folder = random_model_folder(name)
     engine = Engine.from_path(folder, vocoder=vocoder, device=device, dtype=dtype, max_batch_size=max(STREAMS))

@@ -54,7 +54,7 @@ def intermediates() -> dict:
 def fixture_model(device):
     from omni_serve.model.loader import load_model
 
-    return load_model(MODEL_DIR, vocoder=VOCODER_DIR, device=str(device))
+    return load_model(MODEL_DIR, vocoder=VOCODER_DIR, device=str(device), dtype="float32")  # parity is fp32
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,11 @@ def test_receptive_field_bound_holds(fixture_model):
     """Changing one frame changes no sample farther than the stated receptive field."""
     model = fixture_model.vocoder.model
     with torch.inference_mode():
-        frames = model.frames(torch.randint(0, 1000, (1, 120)), None)
+        frames = model.frames(torch.randint(0, 1000, (1, 120), device=fixture_model.device), None)
         base = model.synthesize(frames)
         changed = frames.clone()
         changed[:, :, 60] += 1.0
-        diff = (model.synthesize(changed) - base).abs().numpy()
+        diff = (model.synthesize(changed) - base).abs().cpu().numpy()
     touched = np.nonzero(diff > 1e-7)[0] // model.samples_per_frame
     reach = max(60 - touched.min(), touched.max() - 60)
     assert 0 < reach <= model.receptive_field_frames()

@@ -324,7 +324,7 @@ def _rope_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
         dim = config.head_dim
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)  # None: the device being built on (torch.device context)
 
 
 def ctc_collapse(frames: list[int], blank_id: int, previous: int | None = None) -> list[int]:

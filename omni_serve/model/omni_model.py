@@ -7,15 +7,21 @@ steps (prefill a prompt, decode tokens); the generation loop lives in the engine
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from omni_serve.model.adaptor import SpeechProjector
 from omni_serve.model.config import SPEECH_PLACEHOLDER_ID, OmniConfig
 from omni_serve.model.ctc_generator import CTCSpeechGenerator
+
+# transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name works, with a
+# warning, until 5.40). The wrong name is not an error: **kwargs swallows it and every step runs uncached.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -35,6 +41,10 @@ class OmniLlamaModel(LlamaModel):
             self.speech_projector = SpeechProjector(
                 config.speech_encoder_hidden_size, config.llm.hidden_size, config.speech_encoder_ds_rate
             )
+
+    def extend(self, cache: DynamicCache, **inputs: torch.Tensor | None) -> BaseModelOutputWithPast:
+        """Run new positions (`input_ids` or `inputs_embeds`, masks, positions) and append them to `cache`."""
+        return self(**inputs, **{CACHE_ARGUMENT: cache}, use_cache=True)
 
 
 class OmniSpeechLlama(nn.Module):
@@ -75,8 +85,8 @@ class OmniSpeechLlama(nn.Module):
     def step(self, inputs_embeds: torch.Tensor, cache: DynamicCache, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> StepOutput:
         """Run new positions through the LLM, extending `cache`; return the last position's logits and hidden."""
-        output = self.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=True,
-                            attention_mask=attention_mask, position_ids=position_ids)
+        output = self.model.extend(cache, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids)
         hidden = output.last_hidden_state[:, -1]
         return StepOutput(logits=self.lm_head(hidden).float(), hidden=hidden)
 

@@ -53,8 +53,8 @@ class TranscriptScorer:
         if tree.inputs:
             base = len(self.before)
             try:
-                hidden = self.network.model(
-                    input_ids=torch.tensor([tree.inputs], device=device), cache=cache, use_cache=True,
+                hidden = self.network.model.extend(
+                    cache, input_ids=torch.tensor([tree.inputs], device=device),
                     position_ids=torch.tensor([tree.positions], device=device) + base,
                     attention_mask=tree.attention_mask(base, device),
                 ).last_hidden_state[0]
@@ -74,7 +74,7 @@ class TranscriptScorer:
             weight = self.network.lm_head.weight
             cache = self.network.new_cache()
             ids = torch.tensor([self.before], dtype=torch.long, device=weight.device)
-            hidden = self.network.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+            hidden = self.network.model.extend(cache, input_ids=ids).last_hidden_state
             self._prefix = self.network.lm_head(hidden[0, -1:]).float(), cache
         return self._prefix
 
