@@ -227,3 +227,25 @@ def test_half_precision_path_runs_end_to_end(dtype, device, question_audio, expe
     assert isinstance(final, Finished), getattr(final, "message", "")
     assert final.token_ids[0] == expected["omni"]["q1"]["generated_ids"][0]  # first-step margin is 0.32
     assert any(isinstance(e, AudioChunk) for e in events)
+
+
+@pytest.mark.parametrize("with_vocoder", [True, False])
+def test_warm_up_answers_a_typed_and_a_spoken_request_and_changes_nothing(with_vocoder, device, question_audio, expected):
+    """Its spoken request hears the typed answer's audio, or quiet noise without a vocoder; afterwards the
+    engine answers exactly as a fresh one (the reference's tokens and units), and keeps no conversation."""
+    from conftest import MODEL_DIR, VOCODER_DIR
+
+    from omni_serve.engine import Engine, warm_up
+
+    engine = Engine.from_path(MODEL_DIR, vocoder=VOCODER_DIR if with_vocoder else None, device=str(device),
+                              dtype="float32")
+    try:
+        report = warm_up(engine)
+        assert report.text_error is None and report.speech_error is None and report.seconds > 0
+        assert engine._conversations == {}
+        final = _run(engine, question_audio["q1"], max_new_tokens=24)[-1]
+    finally:
+        engine.close()
+    assert isinstance(final, Finished), getattr(final, "message", "")
+    assert final.token_ids == expected["omni"]["q1"]["generated_ids"]
+    assert final.units == expected["omni"]["q1"]["units"]

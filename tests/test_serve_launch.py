@@ -112,6 +112,8 @@ def test_launch_serves_and_stops_cleanly_on_sigterm(expected):
         assert set(urls) == {"controller", "worker-0", *(["web"] if HAS_WEB else [])}, text
         assert all(url.startswith("http://127.0.0.1:") for url in urls.values())
         assert "[worker-0]" in text and "[controller]" in text  # logs streamed with a prefix per process
+        assert re.search(r"\[worker-0\].*loaded omni-tiny-ref on cpu float32", text), text
+        assert re.search(r"\[worker-0\].*warmed up in [\d.]+ s$", text, re.MULTILINE), text  # before ready, no failure
         assert TOKEN not in text
 
         async def ask():

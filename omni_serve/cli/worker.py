@@ -43,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (launch divides the cores)")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="report ready right after loading; the first request then pays the one-off costs")
     parser.add_argument("--log-level", default="info")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from omni_serve.engine import AudioLimits, Engine, OmniError
+    from omni_serve.engine import AudioLimits, Engine, OmniError, warm_up
     from omni_serve.serve.server import run_server
     from omni_serve.serve.worker import create_app
 
@@ -70,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"loaded {engine.model_name} on {engine.placement}", file=sys.stderr, flush=True)
+    if not args.no_warm_up:
+        report = warm_up(engine)
+        refused = "; ".join(f"{kind} request failed: {error}" for kind, error in
+                            (("typed", report.text_error), ("spoken", report.speech_error)) if error)
+        print(f"warmed up in {report.seconds:.1f} s" + (f" ({refused})" if refused else ""), file=sys.stderr,
+              flush=True)
     try:
         run_server(create_app(settings, engine), settings.host, settings.port, log_level=args.log_level)
     finally:

@@ -3,6 +3,7 @@
 from omni_serve.engine.engine import Engine
 from omni_serve.engine.events import AudioChunk, ErrorEvent, Event, Finished, TextDelta, Timings, UnitChunk
 from omni_serve.engine.options import GenerationOptions, PastTurn, SpeechRequest
+from omni_serve.engine.warm_up import WarmUp, warm_up
 from omni_serve.model.audio import (
     SAMPLE_RATE,
     AudioLimits,
@@ -33,9 +34,11 @@ __all__ = [
     "TextDelta",
     "Timings",
     "UnitChunk",
+    "WarmUp",
     "load_audio",
     "pcm16_bytes",
     "pcm16_to_float",
     "prepare_waveform",
+    "warm_up",
     "wav_bytes",
 ]
