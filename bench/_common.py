@@ -133,7 +133,7 @@ def machine_note() -> str:
     policy = os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)")
     policy += " (set after torch was imported: ignored)" if TORCH_FIRST else ""
     gpu = f"GPU {torch.cuda.get_device_name()}, " if torch.cuda.is_initialized() else ""
-    return (f"{gpu}"f"torch {torch.__version__}, {THREADS} threads, OMP_WAIT_POLICY={policy}, load average "
+    return (f"{gpu}torch {torch.__version__}, {THREADS} threads, OMP_WAIT_POLICY={policy}, load average "
             f"{' '.join(load)} (shared machine: figures are medians)")
 
 

@@ -101,8 +101,8 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool, device: 
     for streams in STREAMS:
         rows[streams]["decode_speedup"] = rows[streams]["decode_tps"] / base["decode_tps"]
         rows[streams]["e2e_speedup"] = rows[streams]["e2e_tps"] / base["e2e_tps"]
-    return {"model": name, "placement": engine.placement, "max_new_tokens": max_new_tokens, "vocode": vocode, "repeats": repeats, "streams": rows,
-            "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
+    return {"model": name, "placement": engine.placement, "max_new_tokens": max_new_tokens, "vocode": vocode,
+            "repeats": repeats, "streams": rows, "goal_met": rows[8]["decode_speedup"] >= GOAL_SPEEDUP}
 
 
 def main() -> None:
@@ -112,8 +112,8 @@ def main() -> None:
     unknown = set(names) - set(MODEL_TOKENS)
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODEL_TOKENS)}")
-    results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode, args.device, args.dtype)
-               for name in names]
+    results = [measure(name, MODEL_TOKENS[name] // (4 if args.quick else 1), repeats, args.vocode, args.device,
+                       args.dtype) for name in names]
     if args.json:
         emit_json({"bench": "throughput", "note": machine_note(), "goal_speedup_at_8": GOAL_SPEEDUP, "results": results})
         return
@@ -123,8 +123,8 @@ def main() -> None:
                  r["cpu_ms_per_token"], " ".join(f"{v:.1f}" for v in r["decode_tps_all"])]
                 for n, r in res["streams"].items()]
         vocoder = "on" if res["vocode"] else "off"
-        print_table(f"{res['model']} ({res['placement']}): {res['max_new_tokens']} tokens per stream, vocoder {vocoder}, "
-                    f"median of {res['repeats']}; goal: decode speedup at 8 >= {GOAL_SPEEDUP}x "
+        print_table(f"{res['model']} ({res['placement']}): {res['max_new_tokens']} tokens per stream, "
+                    f"vocoder {vocoder}, median of {res['repeats']}; goal: decode speedup at 8 >= {GOAL_SPEEDUP}x "
                     f"({'met' if res['goal_met'] else 'MISSED'})",
                     ["streams", "decode tok/s", "speedup", "e2e tok/s", "speedup", "CPU ms/token", "decode tok/s runs"],
                     rows)

@@ -230,7 +230,8 @@ def test_half_precision_path_runs_end_to_end(dtype, device, question_audio, expe
 
 
 @pytest.mark.parametrize("with_vocoder", [True, False])
-def test_warm_up_answers_a_typed_and_a_spoken_request_and_changes_nothing(with_vocoder, device, question_audio, expected):
+def test_warm_up_answers_a_typed_and_a_spoken_request_and_changes_nothing(with_vocoder, device, question_audio,
+                                                                         expected):
     """Its spoken request hears the typed answer's audio, or quiet noise without a vocoder; afterwards the
     engine answers exactly as a fresh one (the reference's tokens and units), and keeps no conversation."""
     from conftest import MODEL_DIR, VOCODER_DIR
