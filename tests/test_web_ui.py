@@ -293,6 +293,54 @@ def test_stop_marks_the_cut_off_answer_and_reenables_send():
     assert ui.stop(finished)[0] == finished
 
 
+@pytest.mark.parametrize("stop_first", [True, False])
+def test_stop_keeps_the_question_the_page_has_not_drawn_yet(stop_first):
+    """Audio reaches the live player before the page draws the new question, so Stop can arrive with a
+    chat that lacks it. Stop uses the answer's own record of the turn, whichever of the cancellation and
+    Stop's handler runs first; after a finished answer or a new conversation, the page's chat again."""
+    gateway = ScriptedGateway(answer_script(), pause_s=0.2)
+    ui = make_ui(gateway)
+    session = gr.Request(session_hash="tab-1")
+    earlier = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "First answer."}]
+
+    async def scenario():
+        generator = ui.answer(KEY, str(QUESTION), earlier, "conv", *DEFAULTS.values(), session=session)
+        await generator.__anext__()
+        await generator.__anext__()  # "Hello" arrived; the page may still show only `earlier`
+        if stop_first:
+            stopped = ui.stop(list(earlier), session)
+            await generator.aclose()
+        else:
+            await generator.aclose()  # what Gradio does when Stop cancels the event
+            stopped = ui.stop(list(earlier), session)
+        return stopped
+
+    history, status, _, button = asyncio.run(scenario())
+    assert history[:2] == earlier
+    assert history[2]["role"] == "user" and isinstance(history[2]["content"], gr.Audio)
+    assert history[3] == {"role": "assistant", "content": SCRIPT_TEXT[0] + STOPPED_MARK}
+    assert status == "Stopped." and button == gr.update(interactive=True)
+    assert ui.stop(list(earlier), session)[0] == earlier  # read once: a later Stop has no answer to cut
+
+    finished = make_ui(ScriptedGateway(answer_script()))
+
+    async def finish():
+        return [u async for u in finished.answer(KEY, str(QUESTION), [], "", *DEFAULTS.values(), session=session)]
+
+    page = asyncio.run(finish())[-1][0]
+    assert finished.stop(page, session)[0] == page  # a finished answer leaves nothing behind for Stop
+    cut = make_ui(ScriptedGateway(answer_script(), pause_s=0.2))
+
+    async def cut_then_new_conversation():
+        generator = cut.answer(KEY, str(QUESTION), [], "", *DEFAULTS.values(), session=session)
+        await generator.__anext__()
+        await generator.aclose()
+        cut.new_conversation(session)
+        return cut.stop([], session)[0]
+
+    assert asyncio.run(cut_then_new_conversation()) == []
+
+
 def test_new_conversation_clears_chat_and_id():
     chat, conversation, _, _, button = make_ui(ScriptedGateway([])).new_conversation()
     assert chat == [] and conversation == "" and button == gr.update(interactive=True)

@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 import wave
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ DEFAULT_CONTROLLER_URL = "http://127.0.0.1:21001"
 DEFAULT_WEB_PORT = 7860
 CURSOR = " ▌"  # marks the answer that is still streaming; the Stop handler looks for it
 STOPPED_MARK = " — *stopped*"
+OPEN_TURNS_KEPT = 256  # sessions whose cut-off answer Stop has not read yet (a closed page never reads its own)
 UI_UPDATE_INTERVAL_S = 0.05  # at most ~20 chat updates a second; audio does not wait for them
 _KEEP = object()  # "leave this output as it is", where None is a real value (an emptied input)
 MAX_UPLOAD = "24mb"  # its base64 must fit the worker's 32 MiB request cap (120 s of 48 kHz stereo wav is 23 MB)
@@ -217,6 +219,10 @@ class WebUI:
         self.settings = settings
         self.gateway = gateway
         self.hub = hub
+        # The chat of each session's answer in progress. Stop reads it rather than the page's chat: audio
+        # reaches the live player before the page has drawn the new question, so a Stop pressed at the first
+        # sound sent a chat without it, and the question vanished from the page.
+        self._open_turns: OrderedDict[str, list] = OrderedDict()
 
     async def load_models(self) -> tuple[dict, dict]:
         """Fill the model selector at page load; it is shown only when there is a choice."""
@@ -232,8 +238,8 @@ class WebUI:
 
     async def answer(self, live_key: str | None, audio_path: str | None, history: list | None,
                      conversation_id: str | None, model: str | None, temperature: float, top_p: float,
-                     max_new_tokens: float, first_chunk_units: float, chunk_units: float
-                     ) -> AsyncIterator[tuple]:
+                     max_new_tokens: float, first_chunk_units: float, chunk_units: float,
+                     session: gr.Request | None = None) -> AsyncIterator[tuple]:
         """Stream one answer: yields (chat, status, notice, conversation id, send button, input[, audio chunk]).
 
         Text is appended to the chat as each delta arrives; audio goes to the live player's channel (or
@@ -269,6 +275,7 @@ class WebUI:
             try:
                 history.append({"role": "user", "content": gr.Audio(value=audio_path, show_label=False, buttons=[])})
                 history.append({"role": "assistant", "content": CURSOR})
+                self._open_turn(session, history)
                 yield out(status="Listening to your question…", notice=_notice(None), button=busy, mic=None)
                 shown_text, shown_bytes = "", 0
                 while True:
@@ -293,6 +300,7 @@ class WebUI:
                 if not pump.done():  # cancelled (Stop, New conversation, page closed): end the worker's answer
                     pump.cancel()
                     await asyncio.gather(pump, return_exceptions=True)
+            self._close_turn(session)  # not reached when Stop cancels the answer: Stop reads and closes it
 
             if answer.text:
                 _assistant_text(history, answer.text + (STOPPED_MARK if answer.error is not None else ""))
@@ -310,6 +318,7 @@ class WebUI:
             yield out(status=answer.final_status(), notice=_notice(notice), button=idle, mic=retry)
         except Exception as exc:  # a bug must not leave the page stuck in "Answering…"
             log.exception("answer failed")
+            self._close_turn(session)
             yield out(status="Last answer failed.", notice=_notice(f"Unexpected error in the web page: {exc}"),
                       button=idle)
         finally:
@@ -352,9 +361,22 @@ class WebUI:
                 f"it lasts {seconds:.0f} s and the limit is {self.settings.max_audio_seconds:.0f} s"))
         return None
 
-    def stop(self, history: list | None) -> tuple:
-        """After Stop cancelled the answer: mark the cut-off text and make the page ready again."""
-        history = list(history or [])
+    def _open_turn(self, session: gr.Request | None, history: list) -> None:
+        if session is not None and session.session_hash:
+            self._open_turns[session.session_hash] = history
+            self._open_turns.move_to_end(session.session_hash)
+            while len(self._open_turns) > OPEN_TURNS_KEPT:
+                self._open_turns.popitem(last=False)
+
+    def _close_turn(self, session: gr.Request | None) -> list | None:
+        """The session's answer in progress (None if none), forgotten."""
+        return self._open_turns.pop(session.session_hash, None) if session is not None else None
+
+    def stop(self, history: list | None, session: gr.Request | None = None) -> tuple:
+        """After Stop cancelled the answer: mark the cut-off text and make the page ready again. The chat
+        is the answer's own record of it when there is one (the page's may not show the question yet)."""
+        open_turn = self._close_turn(session)
+        history = list(open_turn if open_turn is not None else history or [])
         if history and history[-1].get("role") == "assistant":
             content = history[-1].get("content")
             text = content if isinstance(content, str) else _first_text(content)
@@ -366,8 +388,9 @@ class WebUI:
                     history.pop()
         return history, "Stopped.", _notice(None), gr.update(interactive=True)
 
-    def new_conversation(self) -> tuple:
+    def new_conversation(self, session: gr.Request | None = None) -> tuple:
         """A fresh conversation id; the engine keeps the old context until it ages out."""
+        self._close_turn(session)
         return [], "", "", _notice(None), gr.update(interactive=True)
 
 
