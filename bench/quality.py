@@ -97,6 +97,8 @@ class Sample:
     answer_words: int = 0
     speech_errors: int = 0
     direct_errors: int = 0
+    speech_heard: str = ""  # the judge's transcript of the spoken answer
+    direct_heard: str = ""  # ... and of espeak-ng reading the answer's text
     first_audio_s: float | None = None
     timings: dict = field(default_factory=dict)
 
@@ -163,7 +165,7 @@ class SharedResults:
     """What does not depend on the unit generator, computed once for all of them."""
 
     typed: dict[str, str] = field(default_factory=dict)  # question -> typed answer
-    direct_errors: dict[str, int] = field(default_factory=dict)  # answer text -> word errors of espeak reading it
+    direct_heard: dict[str, str] = field(default_factory=dict)  # answer text -> what the judge heard espeak read
 
 
 def shipped_whisper_judge(front_end: TranscriptionFrontEnd) -> TranscriptionFrontEnd:
@@ -195,7 +197,7 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
     engine = Engine(model, max_batch_size=1)
     engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
     samples: list[Sample] = []
-    direct_cache = shared.direct_errors
+    direct_cache = shared.direct_heard
     try:
         typed = shared.typed
         for question, _ in questions:
@@ -217,11 +219,12 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                 sample.key_in_typed = key in words(sample.typed_answer)
                 reference = words(final.text)
                 sample.answer_words = len(reference)
-                sample.speech_errors = edit_distance(reference, words(heard(judge, speech))) if speech.size else len(reference)
+                sample.speech_heard = heard(judge, speech) if speech.size else ""
+                sample.speech_errors = edit_distance(reference, words(sample.speech_heard))
                 if final.text not in direct_cache:
-                    direct = espeak(final.text, engine_voice, engine_speed)
-                    direct_cache[final.text] = edit_distance(reference, words(heard(judge, direct)))
-                sample.direct_errors = direct_cache[final.text]
+                    direct_cache[final.text] = heard(judge, espeak(final.text, engine_voice, engine_speed))
+                sample.direct_heard = direct_cache[final.text]
+                sample.direct_errors = edit_distance(reference, words(sample.direct_heard))
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
