@@ -77,11 +77,12 @@ def measure(name: str, repeats: int, max_new_tokens: int, device: str, dtype: st
     audio = load_audio(QUESTIONS[0])
     cases = [(chunk, None) for chunk in FIRST_CHUNKS] + [(10, ahead) for ahead in LOOKAHEADS if ahead is not None]
     try:
-        one_request(engine, audio, 10, 4)  # warm-up
-        if engine.model.device.type == "cuda":  # a GPU pays seconds for each new shape's first use: once per case
+        if engine.model.device.type == "cuda":  # a GPU pays seconds for each new shape's first use: every case once
             for chunk, ahead in cases:
                 engine.model.vocoder.lookahead_frames = ahead
                 one_request(engine, audio, chunk, max_new_tokens)
+        else:
+            one_request(engine, audio, 10, 4)  # warm-up
         runs: dict[tuple, list[dict]] = {case: [] for case in cases}
         for _ in range(repeats):  # interleaved
             for chunk, ahead in cases:

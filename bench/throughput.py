@@ -86,10 +86,11 @@ def measure(name: str, max_new_tokens: int, repeats: int, vocode: bool, device: 
     no_eos(engine)
     audios = [load_audio(path) for path in QUESTIONS]
     try:
-        run_batch(engine, audios, 2, 8, vocode)  # warm-up
-        if engine.model.device.type == "cuda":  # a GPU pays seconds for each new shape's first use: once per case
+        if engine.model.device.type == "cuda":  # a GPU pays seconds for each new shape's first use: every case once
             for streams in STREAMS:
                 run_batch(engine, audios, streams, max_new_tokens, vocode)
+        else:
+            run_batch(engine, audios, 2, 8, vocode)  # warm-up
         runs: dict[int, list[dict]] = {n: [] for n in STREAMS}
         for _ in range(repeats):  # interleaved, so load changes hit every stream count alike
             for streams in STREAMS:
