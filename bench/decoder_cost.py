@@ -26,7 +26,7 @@ from _common import FIXTURE_MODEL, emit_json, machine_note, median, parse_args, 
 
 import torch
 
-from omni_serve.model.loader import pick_dtype
+from omni_serve.model.loader import dtype_name, pick_dtype
 
 LENGTHS = (64, 128, 256, 512)
 DECODERS = {
@@ -45,7 +45,7 @@ def build_decoder(name: str, seed: int = 0):
         from omni_serve.model.loader import load_model
 
         return load_model(FIXTURE_MODEL, device=str(torch.get_default_device()),
-                          dtype=str(torch.get_default_dtype()).removeprefix("torch.")).network.speech_generator
+                          dtype=dtype_name(torch.get_default_dtype())).network.speech_generator
     spec = DECODERS[name]
     raw.update(hidden_size=spec["hidden"], ctc_decoder_config=spec["decoder"], max_position_embeddings=131072)
     config = OmniConfig.from_dict(raw)

@@ -9,6 +9,9 @@ stream, vocoder), and compared with:
   beside the WER of espeak-ng reading that text directly (same voice settings as the vocoder);
   Whisper tiny.en as its pip package ships it judges alone (not the front end's espeak-adapted
   Whisper; the front end's beam, without its LLM rescoring, which would favour fluent text);
+  and, with no judge in between, the unit error of the answer's units against espeak-ng's phonemes
+  of its text (the learned decoder's training target): Whisper's hearing of single answers swings
+  by whole sentences (a dropped sentence, a loop), so this says how far the units themselves are off;
 - latency: time from the request to its first audio chunk, in-process through the engine, and
   with `--stack` also through the full stack (`omni-serve launch`: controller + one CPU worker,
   HTTP streaming), where the worker's own peak RSS is read too;
@@ -57,7 +60,7 @@ from omni_serve.engine import (
 )
 from omni_serve.default.build import convert_base_whisper
 from omni_serve.default.ctc_train import edit_distance
-from omni_serve.model.espeak import wav_samples
+from omni_serve.model.espeak import EspeakSettings, phonemizer_for, wav_samples
 from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import tokenize_speech_prompt
 from omni_serve.model.speech_encoder import load_whisper_checkpoint
@@ -97,6 +100,8 @@ class Sample:
     answer_words: int = 0
     speech_errors: int = 0
     direct_errors: int = 0
+    reference_units: int = 0  # espeak-ng's phonemes of the answer text
+    unit_errors: int = 0  # edit distance of the answer's units to them
     speech_heard: str = ""  # the judge's transcript of the spoken answer
     direct_heard: str = ""  # ... and of espeak-ng reading the answer's text
     first_audio_s: float | None = None
@@ -196,6 +201,8 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
     settings = model.config.extras.get("espeak", {})
     engine = Engine(model, max_batch_size=1)
     engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
+    unit_settings = EspeakSettings.from_extras(model.config.extras)
+    phonemizer = phonemizer_for(unit_settings)
     samples: list[Sample] = []
     direct_cache = shared.direct_heard
     try:
@@ -225,6 +232,9 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                     direct_cache[final.text] = heard(judge, espeak(final.text, engine_voice, engine_speed))
                 sample.direct_heard = direct_cache[final.text]
                 sample.direct_errors = edit_distance(reference, words(sample.direct_heard))
+                target = phonemizer.text(final.text)
+                sample.reference_units = len(target)
+                sample.unit_errors = edit_distance(target, [unit_settings.units[u] for u in final.units])
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
@@ -253,7 +263,8 @@ def summarize(samples: list[Sample], label: str) -> dict:
             "question_transcript_wer": question_wer,
         },
         "speech": {"wer_spoken_answer": speech_wer, "wer_espeak_direct": direct_wer,
-                   "wer_gap_points": 100 * (speech_wer - direct_wer)},
+                   "wer_gap_points": 100 * (speech_wer - direct_wer),
+                   "unit_error_rate": sum(s.unit_errors for s in samples) / max(1, sum(s.reference_units for s in samples))},
         "latency": {"first_audio_s_median": statistics.median(first_audio) if first_audio else None,
                     "first_audio_s_p90": first_audio[int(0.9 * (len(first_audio) - 1))] if first_audio else None,
                     "first_audio_s_max": first_audio[-1] if first_audio else None,
@@ -343,6 +354,7 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
         ("WER spoken answer", f"{s['wer_spoken_answer']:.1%}"),
         ("WER espeak reading the text", f"{s['wer_espeak_direct']:.1%}"),
         ("WER gap, points (<= +10)", f"{s['wer_gap_points']:+.1f}"),
+        ("unit error vs espeak-ng's phonemes of the text", f"{s['unit_error_rate']:.3f}"),
         ("first audio median / p90 / max, s (<= 1.5)", (f"{lat['first_audio_s_median']:.2f} / "
                                                          f"{lat['first_audio_s_p90']:.2f} / {lat['first_audio_s_max']:.2f}")),
         ("peak RSS of this process so far, GB", f"{report['memory']['peak_rss_gb']:.2f}"),

@@ -144,6 +144,23 @@ def test_everyday_words_are_whole_words(built_dir):
     assert all(w[0].isupper() and w[1:].islower() for w in names) and {"John", "America", "September"} <= set(names)
 
 
+def test_everyday_words_the_llm_writes_in_pieces(built_dir):
+    """Generator (b)'s vocabulary of longer words: each is written by the LLM in exactly the asked number of
+    tokens, and none of them is one of the whole-word tokens the default vocabulary already holds."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from omni_serve.default.transcriber_data import everyday_words
+
+    llm = LlamaForCausalLM.from_pretrained(built_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(built_dir)
+    whisper_tokenizer = whisper.tokenizer.get_tokenizer(False)
+    split = everyday_words(llm, tokenizer, whisper_tokenizer, max_candidates=400, pieces=(2, 3))
+    whole = everyday_words(llm, tokenizer, whisper_tokenizer, max_candidates=1500)
+    assert len(split) > 100 and all(w.isalpha() and w.islower() for w in split)
+    assert all(len(tokenizer(" " + w, add_special_tokens=False).input_ids) in (2, 3) for w in split)
+    assert not set(split) & set(whole)
+
+
 def test_prompt_is_the_chat_template(smol):
     """Our template pieces reproduce the tokenizer's own ChatML rendering, turn after turn."""
     template = template_from_config(smol.config.extras)

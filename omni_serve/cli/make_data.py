@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sentences holding each everyday word and name of the LLM's vocabulary this many times")
     parser.add_argument("--word-answers", type=int, default=0,
                         help="greedy answers of the LLM to questions about this many everyday words")
+    parser.add_argument("--word-pieces", type=int, nargs="+", default=[1], metavar="N",
+                        help="the vocabulary's words are those the LLM writes in N tokens (1: its whole-word tokens; "
+                        "2 3: longer, rarer words it spells in parts)")
     parser.add_argument("--numbers", type=int, default=0, help="sentences that read numbers (digits, decimals, years...); "
                         "for a decoder trained with --number-places")
     parser.add_argument("--seed", type=int, default=1,
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         from omni_serve.cli.make_transcriber_data import load_everyday_words
         from omni_serve.default.transcriber_data import EVERYDAY_WORD, NAME
 
-        words = load_everyday_words(args.model_path, (EVERYDAY_WORD, NAME))
+        words = load_everyday_words(args.model_path, (EVERYDAY_WORD, NAME), tuple(args.word_pieces))
         texts += [text for text in vocabulary_texts(words, args.vocabulary, seed=args.seed) if exclusions.allows(text)]
         questions = [q for q in word_questions(words, args.word_answers, seed=args.seed) if exclusions.allows(q)]
         print(f"vocabulary: {len(words)} words")

@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
 
 
-def load_everyday_words(model_path: str | None, patterns: tuple[str, ...] | None = None) -> list[str]:
-    """Everyday words (and, with `patterns`, other kinds of whole words) of the built model's LLM."""
+def load_everyday_words(model_path: str | None, patterns: tuple[str, ...] | None = None,
+                        pieces: tuple[int, ...] = (1,)) -> list[str]:
+    """Everyday words (and, with `patterns`, other kinds of whole words) of the built model's LLM, written
+    by it in one of `pieces` tokens."""
     import torch
     import whisper
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -42,7 +44,7 @@ def load_everyday_words(model_path: str | None, patterns: tuple[str, ...] | None
     llm = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     tokenizer, whisper_tokenizer = AutoTokenizer.from_pretrained(model_path), whisper.tokenizer.get_tokenizer(False)
     return [word for pattern in patterns or (EVERYDAY_WORD,)
-            for word in everyday_words(llm, tokenizer, whisper_tokenizer, pattern=pattern)]
+            for word in everyday_words(llm, tokenizer, whisper_tokenizer, pattern=pattern, pieces=pieces)]
 
 
 def run(args: argparse.Namespace) -> int:

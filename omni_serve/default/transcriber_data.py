@@ -131,10 +131,12 @@ NAME = r" [A-Z][a-z]{2,13}"  # ... or a capitalised one: names of people, places
 
 @torch.inference_mode()
 def everyday_words(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, whisper_tokenizer: Tokenizer,
-                   threshold: float = 0.6, max_candidates: int | None = None, pattern: str = EVERYDAY_WORD) -> list[str]:
+                   threshold: float = 0.6, max_candidates: int | None = None, pattern: str = EVERYDAY_WORD,
+                   pieces: tuple[int, ...] = (1,)) -> list[str]:
     """Common English words: lower-case whole-word tokens of Whisper's vocabulary (ordered by BPE merge
-    rank, so roughly by frequency) that are whole-word tokens of the LLM's too, and after which the LLM
-    expects a new word or punctuation (which tells "bicycle" from fragments such as "langu").
+    rank, so roughly by frequency) that the LLM writes in one of `pieces` tokens (1: whole-word tokens
+    of its own; 2 or 3: the longer, rarer words it spells in parts), and after which the LLM expects a
+    new word or punctuation (which tells "bicycle" from fragments such as "langu").
 
     Docstrings alone give a technical vocabulary; people ask about penguins and bicycles.
     """
@@ -144,19 +146,21 @@ def everyday_words(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, whi
         piece = encoding.decode([token])
         if re.fullmatch(pattern, piece):
             ids = tokenizer(piece, add_special_tokens=False).input_ids
-            if len(ids) == 1:
-                candidates.append((piece[1:], ids[0]))
+            if len(ids) in pieces:
+                candidates.append((piece[1:], ids))
     candidates = candidates[:max_candidates]
-    pieces = tokenizer.convert_ids_to_tokens(list(range(llm.config.vocab_size)))  # byte-level BPE: "Ġ" = space
+    names = tokenizer.convert_ids_to_tokens(list(range(llm.config.vocab_size)))  # byte-level BPE: "Ġ" = space
     word_end = torch.tensor([float(p is not None and (p.startswith("Ġ") or p == "Ċ" or (len(p) == 1 and not p.isalnum())))
-                             for p in pieces])
+                             for p in names])
     prefix = tokenizer("The word is", add_special_tokens=False).input_ids
     words = []
-    for start in range(0, len(candidates), 256):
-        chunk = candidates[start : start + 256]
-        probabilities = llm(torch.tensor([prefix + [i] for _, i in chunk])).logits[:, -1].float().softmax(-1)
-        ends = (probabilities * word_end).sum(-1)
-        words += [word for (word, _), end in zip(chunk, ends.tolist()) if end > threshold]
+    for length in sorted({len(ids) for _, ids in candidates}):
+        same_length = [candidate for candidate in candidates if len(candidate[1]) == length]
+        for start in range(0, len(same_length), 256):
+            chunk = same_length[start : start + 256]
+            probabilities = llm(torch.tensor([prefix + ids for _, ids in chunk])).logits[:, -1].float().softmax(-1)
+            ends = (probabilities * word_end).sum(-1)
+            words += [word for (word, _), end in zip(chunk, ends.tolist()) if end > threshold]
     return words
 
 

@@ -30,7 +30,7 @@ from omni_serve.engine.state import Conversation, RequestState
 from omni_serve.engine.vocoding import VocoderThread
 from omni_serve.model.audio import AudioLimits, validate_waveform
 from omni_serve.model.errors import AudioError, AudioTooLongError, ContextLengthError, OmniError
-from omni_serve.model.loader import OmniModel, load_model
+from omni_serve.model.loader import OmniModel, dtype_name, load_model
 from omni_serve.model.prompt import tokenize_speech_prompt
 from omni_serve.model.units import push_units
 
@@ -77,7 +77,7 @@ class Engine:
     def placement(self) -> str:
         """Device and weight type, e.g. 'cuda bfloat16': what an operator checks first on a GPU host."""
         dtype = self.model.network.lm_head.weight.dtype
-        return f"{self.model.device} {str(dtype).removeprefix('torch.')}"
+        return f"{self.model.device} {dtype_name(dtype)}"
 
     @property
     def sample_rate(self) -> int | None:

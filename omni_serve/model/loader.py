@@ -68,6 +68,11 @@ def pick_dtype(device: torch.device, requested: str | None) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name `pick_dtype` accepts back ("float32", "bfloat16"), as logs and `--dtype` spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def read_safetensors(model_dir: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of a single-file or sharded (with index) safetensors checkpoint, cast to `dtype`."""
     index = model_dir / "model.safetensors.index.json"
