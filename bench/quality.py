@@ -202,7 +202,8 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
     engine = Engine(model, max_batch_size=1)
     engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
     unit_settings = EspeakSettings.from_extras(model.config.extras)
-    phonemizer = phonemizer_for(unit_settings)
+    # Only a model whose units are espeak-ng phonemes has a unit reference (not HiFi-GAN's HuBERT units).
+    phonemizer = phonemizer_for(unit_settings) if "units" in model.config.extras else None
     samples: list[Sample] = []
     direct_cache = shared.direct_heard
     try:
@@ -232,9 +233,10 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                     direct_cache[final.text] = heard(judge, espeak(final.text, engine_voice, engine_speed))
                 sample.direct_heard = direct_cache[final.text]
                 sample.direct_errors = edit_distance(reference, words(sample.direct_heard))
-                target = phonemizer.text(final.text)
-                sample.reference_units = len(target)
-                sample.unit_errors = edit_distance(target, [unit_settings.units[u] for u in final.units])
+                if phonemizer is not None:
+                    target = phonemizer.text(final.text)
+                    sample.reference_units = len(target)
+                    sample.unit_errors = edit_distance(target, [unit_settings.units[u] for u in final.units])
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
@@ -249,6 +251,7 @@ def summarize(samples: list[Sample], label: str) -> dict:
     first_audio = sorted(s.first_audio_s for s in samples if s.first_audio_s is not None)
     speech_wer = sum(s.speech_errors for s in samples) / total_words
     direct_wer = sum(s.direct_errors for s in samples) / total_words
+    reference_units = sum(s.reference_units for s in samples)
     question_wer = sum(edit_distance(words(s.question), words(s.question_transcript)) for s in samples) / \
         max(1, sum(len(words(s.question)) for s in samples))
     return {
@@ -264,7 +267,7 @@ def summarize(samples: list[Sample], label: str) -> dict:
         },
         "speech": {"wer_spoken_answer": speech_wer, "wer_espeak_direct": direct_wer,
                    "wer_gap_points": 100 * (speech_wer - direct_wer),
-                   "unit_error_rate": sum(s.unit_errors for s in samples) / max(1, sum(s.reference_units for s in samples))},
+                   "unit_error_rate": (sum(s.unit_errors for s in samples) / reference_units) if reference_units else None},
         "latency": {"first_audio_s_median": statistics.median(first_audio) if first_audio else None,
                     "first_audio_s_p90": first_audio[int(0.9 * (len(first_audio) - 1))] if first_audio else None,
                     "first_audio_s_max": first_audio[-1] if first_audio else None,
@@ -354,7 +357,8 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
         ("WER spoken answer", f"{s['wer_spoken_answer']:.1%}"),
         ("WER espeak reading the text", f"{s['wer_espeak_direct']:.1%}"),
         ("WER gap, points (<= +10)", f"{s['wer_gap_points']:+.1f}"),
-        ("unit error vs espeak-ng's phonemes of the text", f"{s['unit_error_rate']:.3f}"),
+        ("unit error vs espeak-ng's phonemes of the text",
+         f"{s['unit_error_rate']:.3f}" if s["unit_error_rate"] is not None else "-"),
         ("first audio median / p90 / max, s (<= 1.5)", (f"{lat['first_audio_s_median']:.2f} / "
                                                          f"{lat['first_audio_s_p90']:.2f} / {lat['first_audio_s_max']:.2f}")),
         ("peak RSS of this process so far, GB", f"{report['memory']['peak_rss_gb']:.2f}"),
