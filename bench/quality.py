@@ -198,12 +198,10 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
     model = load_model(model_path, device="cpu")
     front_end = model.front_end
     judge = shipped_whisper_judge(front_end)
-    settings = model.config.extras.get("espeak", {})
     engine = Engine(model, max_batch_size=1)
-    engine_voice, engine_speed = settings.get("voice", "en-us"), int(settings.get("speed", 150))
-    unit_settings = EspeakSettings.from_extras(model.config.extras)
+    espeak_settings = EspeakSettings.from_extras(model.config.extras)  # the vocoder's voice, speed and units
     # Only a model whose units are espeak-ng phonemes has a unit reference (not HiFi-GAN's HuBERT units).
-    phonemizer = phonemizer_for(unit_settings) if "units" in model.config.extras else None
+    phonemizer = phonemizer_for(espeak_settings) if "units" in model.config.extras else None
     samples: list[Sample] = []
     direct_cache = shared.direct_heard
     try:
@@ -230,13 +228,13 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                 sample.speech_heard = heard(judge, speech) if speech.size else ""
                 sample.speech_errors = edit_distance(reference, words(sample.speech_heard))
                 if final.text not in direct_cache:
-                    direct_cache[final.text] = heard(judge, espeak(final.text, engine_voice, engine_speed))
+                    direct_cache[final.text] = heard(judge, espeak(final.text, espeak_settings.voice, espeak_settings.speed))
                 sample.direct_heard = direct_cache[final.text]
                 sample.direct_errors = edit_distance(reference, words(sample.direct_heard))
                 if phonemizer is not None:
                     target = phonemizer.text(final.text)
                     sample.reference_units = len(target)
-                    sample.unit_errors = edit_distance(target, [unit_settings.units[u] for u in final.units])
+                    sample.unit_errors = edit_distance(target, [espeak_settings.units[u] for u in final.units])
                 samples.append(sample)
                 print(f"[{label} {len(samples)}] {sample.voice} {question!r} -> {final.text[:70]!r} "
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
