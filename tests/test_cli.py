@@ -46,6 +46,13 @@ def test_infer_accepts_a_jsonl_manifest_and_reports_bad_inputs(tmp_path, expecte
     assert not (tmp_path / "out" / "first.wav").exists()  # no vocoder given
 
 
+def test_infer_refuses_a_penalty_out_of_range_before_loading(tmp_path):
+    result = omni("infer", "--model-path", tmp_path / "no-model-here", "--frequency-penalty", 3,
+                  FIXTURES / "inputs" / "q1.wav", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "frequency_penalty and presence_penalty must be in [-2, 2]" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_speech_encoder_names_every_place_tried(tmp_path):
     model = tmp_path / "model"
     shutil.copytree(MODEL_DIR, model)

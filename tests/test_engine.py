@@ -12,6 +12,7 @@ from conftest import FIXTURES
 
 from omni_serve.engine import AudioChunk, ErrorEvent, Finished, GenerationOptions, SpeechRequest, TextDelta
 from omni_serve.engine.detokenizer import Detokenizer
+from omni_serve.engine.sampling import penalized
 from omni_serve.model.units import HiFiGANStream
 
 
@@ -69,6 +70,24 @@ def test_sampling_is_reproducible_with_a_seed(engine, question_audio):
     other = _run(engine, question_audio["q1"], max_new_tokens=12, temperature=0.9, top_p=0.9, seed=8)[-1]
     assert first.token_ids == second.token_ids
     assert first.token_ids != other.token_ids
+
+
+def test_penalties_lower_the_logits_of_tokens_already_said():
+    logits = torch.zeros(6)
+    lowered = penalized(logits, [3, 3, 5], frequency_penalty=0.5, presence_penalty=1.0)
+    assert lowered.tolist() == [0.0, 0.0, 0.0, -2.0, 0.0, -1.5]  # 2 x 0.5 + 1, 1 x 0.5 + 1
+    assert penalized(logits, [], 0.5, 1.0) is logits
+    with pytest.raises(ValueError, match="penalty"):
+        GenerationOptions(presence_penalty=2.5)
+
+
+def test_a_presence_penalty_stops_greedy_repeats(engine, question_audio):
+    plain = _run(engine, question_audio["q2"], max_new_tokens=24, vocode=False)[-1].token_ids
+    repeating = _run(engine, question_audio["q2"], max_new_tokens=24, frequency_penalty=-2.0, vocode=False)[-1].token_ids
+    distinct = _run(engine, question_audio["q2"], max_new_tokens=24, presence_penalty=2.0, vocode=False)[-1].token_ids
+    assert len(set(plain)) < len(plain)  # the fixture's greedy answer repeats tokens
+    assert len(set(distinct)) == len(distinct) == 24 and distinct[:6] == plain[:6]
+    assert len(set(repeating)) < len(set(plain))
 
 
 def test_text_deltas_join_to_final_text(engine, question_audio):

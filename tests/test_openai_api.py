@@ -45,6 +45,8 @@ def in_process():
         audio = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
         answers[name] = (events[-1], np.frombuffer(AudioChunk(audio, 16000).pcm16(), "<i2") / 32768.0,
                          "".join(e.text for e in events if isinstance(e, TextDelta)))
+    penalized = GenerationOptions(max_new_tokens=24, frequency_penalty=0.5, presence_penalty=2.0, vocode=False)
+    answers["q2_penalized"] = list(engine.generate(SpeechRequest(load_audio(Q2_WAV), penalized)))[-1]
     engine.close()
     return answers
 
@@ -94,6 +96,16 @@ def test_streaming_deltas_join_to_the_same_answer(client, in_process):
     assert "".join(transcript) == final.text
     np.testing.assert_allclose(np.frombuffer(bytes(pcm), "<i2") / 32768.0, samples, atol=1.01 * PCM_STEP, rtol=0)
     assert finish == "stop"  # q2 ends on its end-of-turn token
+
+
+def test_frequency_and_presence_penalties_reach_the_engine(client, in_process):
+    penalized, plain = in_process["q2_penalized"], in_process["q2"][0]
+    assert penalized.text != plain.text and len(set(penalized.token_ids)) > len(set(plain.token_ids))
+    completion = client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q2_WAV)], max_tokens=24,
+                                                frequency_penalty=0.5, presence_penalty=2.0)
+    assert completion.choices[0].message.content == penalized.text
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[audio_message(Q2_WAV)], frequency_penalty=2.5)
 
 
 def test_text_only_modality_and_multi_turn_context(client):

@@ -40,7 +40,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "llama-omni-ref"
 QUESTION = FIXTURES / "inputs" / "q1.wav"
 KEY = "0123456789abcdef0123456789abcdef"
 RATE = 16000
-DEFAULTS = {"model": None, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64, "first_chunk_units": 10,
+DEFAULTS = {"model": None, "temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0, "max_new_tokens": 64, "first_chunk_units": 10,
             "chunk_units": 40}
 
 
@@ -107,7 +107,8 @@ async def run_answer(ui: WebUI, audio_path, history=None, conversation_id="", ke
     args = dict(DEFAULTS)
     return [values async for values in ui.answer(key, None if audio_path is None else str(audio_path), history,
                                                  conversation_id, args["model"], args["temperature"],
-                                                 args["top_p"], args["max_new_tokens"], args["first_chunk_units"],
+                                                 args["top_p"], args["frequency_penalty"], args["max_new_tokens"],
+                                                 args["first_chunk_units"],
                                                  args["chunk_units"])]
 
 
@@ -363,16 +364,17 @@ def test_model_list_failures_are_notices():
     assert "Cannot reach the controller" in notice_text(notice)
 
 
-def test_model_choice_is_sent_to_the_worker():
+def test_model_choice_and_settings_are_sent_to_the_worker():
     gateway = ScriptedGateway(answer_script())
     ui = make_ui(gateway)
 
     async def scenario():
-        return [v async for v in ui.answer(KEY, str(QUESTION), [], "", "omni-b", 0.7, 0.9, 32, 5, 20)]
+        return [v async for v in ui.answer(KEY, str(QUESTION), [], "", "omni-b", 0.7, 0.9, 0.5, 32, 5, 20)]
 
     asyncio.run(scenario())
     request = gateway.requests[0]
     assert (request.model, request.temperature, request.top_p, request.max_new_tokens) == ("omni-b", 0.7, 0.9, 32)
+    assert request.frequency_penalty == 0.5
     assert (request.first_chunk_units, request.chunk_units) == (5, 20)
 
 

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="-2 to 2: lowers a token's logit by this much per earlier use in the answer (against loops)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="-2 to 2: lowers the logit of any token already in the answer by this much")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("inputs", nargs="+", help="audio files or .jsonl manifests")
 
@@ -66,12 +70,17 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, frequency_penalty=args.frequency_penalty,
+                                    presence_penalty=args.presence_penalty, seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         engine = Engine.from_path(args.model_path, args.vocoder, args.speech_encoder, args.device, args.dtype)
     except OmniError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0

@@ -220,7 +220,7 @@ class Engine:
             state.prompt_positions = start + embeds.shape[1]
             step = model.network.step(embeds, cache, position_ids=positions)
         state.prefill_s = time.perf_counter() - began - state.encode_s
-        token = choose_token(step.logits[0], request.options.temperature, request.options.top_p, state.generator)
+        token = choose_token(step.logits[0], request.options, state.token_ids, state.generator)
         if self._handle_token(state, token, step.hidden[0]):
             self._finish(state, lambda: cache)
         else:
@@ -249,8 +249,7 @@ class Engine:
         self._batch.advance()
         tokens, texts = [], []
         for row, state in enumerate(self._active):
-            options = state.request.options
-            tokens.append(choose_token(step.logits[row], options.temperature, options.top_p, state.generator))
+            tokens.append(choose_token(step.logits[row], state.request.options, state.token_ids, state.generator))
             texts.append(self._accept_token(state, tokens[-1]))
         with torch.inference_mode():  # all rows' speech decoder steps as one batch
             units = push_units([state.units for state in self._active], step.hidden, tokens, texts)

@@ -11,13 +11,16 @@ import numpy as np
 class GenerationOptions:
     """Sampling, stopping and streaming policy of one request.
 
-    temperature 0 means greedy. Audio is vocoded once `first_chunk_units` units are waiting (small =
+    temperature 0 means greedy. The frequency and presence penalties (-2 to 2, as in the OpenAI API)
+    lower each token's logit by its count in the answer so far and once for being there at all. Audio is vocoded once `first_chunk_units` units are waiting (small =
     low latency), then every `chunk_units` units, and at the end.
     """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     first_chunk_units: int = 10
     chunk_units: int = 40
@@ -30,6 +33,8 @@ class GenerationOptions:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not (-2 <= self.frequency_penalty <= 2 and -2 <= self.presence_penalty <= 2):
+            raise ValueError("frequency_penalty and presence_penalty must be in [-2, 2]")
         if self.first_chunk_units < 1 or self.chunk_units < 1:
             raise ValueError("chunk sizes must be at least 1 unit")
 

@@ -97,6 +97,8 @@ class ChatCompletionRequest(BaseModel):
     audio: AudioOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
@@ -186,11 +188,8 @@ def to_generate_request(body: ChatCompletionRequest, transcripts: TranscriptStor
     if len(turns) % 2 == 0:
         raise OpenAIError(400, "messages must alternate between user and assistant", "invalid_messages", "messages")
     audio_b64, text = _user_parts(turns[-1])
-    options: dict[str, Any] = {}
-    if body.temperature is not None:
-        options["temperature"] = body.temperature
-    if body.top_p is not None:
-        options["top_p"] = body.top_p
+    options: dict[str, Any] = {name: value for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+                               if (value := getattr(body, name)) is not None}
     limit = body.max_completion_tokens or body.max_tokens
     if limit is not None:
         options["max_new_tokens"] = min(limit, 4096)

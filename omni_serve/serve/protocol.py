@@ -132,6 +132,8 @@ class GenerateRequest(BaseModel):
     prompt: str | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     max_new_tokens: int = Field(256, ge=1, le=4096)
     stop: str | None = None
     seed: Seed | None = None

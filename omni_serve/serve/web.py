@@ -63,6 +63,7 @@ class AnswerDefaults:
 
     temperature: float = 0.0
     top_p: float = 1.0
+    frequency_penalty: float = 0.0  # the model's own choices by default; a user may raise it against loops
     max_new_tokens: int = 256
     first_chunk_units: int = 10  # small first chunk: speech starts sooner
     chunk_units: int = 40  # larger later chunks: fewer joins, smoother playback
@@ -238,7 +239,7 @@ class WebUI:
 
     async def answer(self, live_key: str | None, audio_path: str | None, history: list | None,
                      conversation_id: str | None, model: str | None, temperature: float, top_p: float,
-                     max_new_tokens: float, first_chunk_units: float, chunk_units: float,
+                     frequency_penalty: float, max_new_tokens: float, first_chunk_units: float, chunk_units: float,
                      session: gr.Request | None = None) -> AsyncIterator[tuple]:
         """Stream one answer: yields (chat, status, notice, conversation id, send button, input[, audio chunk]).
 
@@ -266,8 +267,8 @@ class WebUI:
             request = GenerateRequest(
                 model=model or None, audio_b64=base64.b64encode(Path(audio_path).read_bytes()).decode("ascii"),
                 conversation_id=conversation_id, temperature=float(temperature), top_p=float(top_p),
-                max_new_tokens=int(max_new_tokens), first_chunk_units=int(first_chunk_units),
-                chunk_units=int(chunk_units))
+                frequency_penalty=float(frequency_penalty), max_new_tokens=int(max_new_tokens),
+                first_chunk_units=int(first_chunk_units), chunk_units=int(chunk_units))
             answer = AnswerProgress()
             changed = asyncio.Event()
             # the request goes out before the page's first update, which costs a round of rendering
@@ -472,6 +473,9 @@ def create_demo(settings: WebSettings, gateway: Gateway | None = None, hub: Live
                     temperature = gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature",
                                             info="0 = always the most likely words", elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top_p")
+                    repetition = gr.Slider(0.0, 2.0, value=defaults.frequency_penalty, step=0.1,
+                                           label="Repetition penalty", elem_id="frequency_penalty",
+                                           info="raise (about 0.5) if answers repeat themselves")
                     max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16,
                                                label="Max new tokens", info="longest answer, in text tokens",
                                                elem_id="max_new_tokens")
@@ -483,7 +487,7 @@ def create_demo(settings: WebSettings, gateway: Gateway | None = None, hub: Live
 
         outputs = [chat, status, notice, conversation, send, mic] + ([audio_out] if gradio_player else [])
         answering = send.click(
-            ui.answer, inputs=[live_key, mic, chat, conversation, model, temperature, top_p, max_new_tokens,
+            ui.answer, inputs=[live_key, mic, chat, conversation, model, temperature, top_p, repetition, max_new_tokens,
                                first_chunk, chunk],
             outputs=outputs, js=None if gradio_player else SUBMIT_JS, concurrency_limit=settings.concurrency,
             show_progress="hidden")
