@@ -50,7 +50,8 @@ def test_infer_refuses_a_penalty_out_of_range_before_loading(tmp_path):
     result = omni("infer", "--model-path", tmp_path / "no-model-here", "--frequency-penalty", 3,
                   FIXTURES / "inputs" / "q1.wav", cwd=tmp_path)
     assert result.returncode == 2
-    assert "frequency_penalty and presence_penalty must be in [-2, 2]" in result.stderr and "Traceback" not in result.stderr
+    assert "frequency_penalty and presence_penalty must be in [-2, 2]" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_speech_encoder_names_every_place_tried(tmp_path):

@@ -81,10 +81,12 @@ def test_penalties_lower_the_logits_of_tokens_already_said():
         GenerationOptions(presence_penalty=2.5)
 
 
-def test_a_presence_penalty_stops_greedy_repeats(engine, question_audio):
+def test_a_presence_penalty_stops_greedy_repeats_and_a_negative_one_adds_them(engine, question_audio):
     plain = _run(engine, question_audio["q2"], max_new_tokens=24, vocode=False)[-1].token_ids
-    repeating = _run(engine, question_audio["q2"], max_new_tokens=24, frequency_penalty=-2.0, vocode=False)[-1].token_ids
-    distinct = _run(engine, question_audio["q2"], max_new_tokens=24, presence_penalty=2.0, vocode=False)[-1].token_ids
+    repeating = _run(engine, question_audio["q2"], max_new_tokens=24, frequency_penalty=-2.0,
+                     vocode=False)[-1].token_ids
+    distinct = _run(engine, question_audio["q2"], max_new_tokens=24, presence_penalty=2.0,
+                    vocode=False)[-1].token_ids
     assert len(set(plain)) < len(plain)  # the fixture's greedy answer repeats tokens
     assert len(set(distinct)) == len(distinct) == 24 and distinct[:6] == plain[:6]
     assert len(set(repeating)) < len(set(plain))

@@ -40,8 +40,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "llama-omni-ref"
 QUESTION = FIXTURES / "inputs" / "q1.wav"
 KEY = "0123456789abcdef0123456789abcdef"
 RATE = 16000
-DEFAULTS = {"model": None, "temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0, "max_new_tokens": 64, "first_chunk_units": 10,
-            "chunk_units": 40}
+DEFAULTS = {"model": None, "temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0, "max_new_tokens": 64,
+            "first_chunk_units": 10, "chunk_units": 40}
 
 
 def pcm_chunk(seed: int, seconds: float = 0.2) -> bytes:

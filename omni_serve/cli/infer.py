@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0,
-                        help="-2 to 2: lowers a token's logit by this much per earlier use in the answer (against loops)")
+                        help="-2 to 2: lowers a token's logit by this much per earlier use in the answer "
+                             "(against loops)")
     parser.add_argument("--presence-penalty", type=float, default=0.0,
                         help="-2 to 2: lowers the logit of any token already in the answer by this much")
     parser.add_argument("--seed", type=int, default=None)

@@ -12,8 +12,9 @@ class GenerationOptions:
     """Sampling, stopping and streaming policy of one request.
 
     temperature 0 means greedy. The frequency and presence penalties (-2 to 2, as in the OpenAI API)
-    lower each token's logit by its count in the answer so far and once for being there at all. Audio is vocoded once `first_chunk_units` units are waiting (small =
-    low latency), then every `chunk_units` units, and at the end.
+    lower each token's logit by its count in the answer so far and once for being there at all. Audio
+    is vocoded once `first_chunk_units` units are waiting (small = low latency), then every
+    `chunk_units` units, and at the end.
     """
 
     max_new_tokens: int = 256

@@ -91,7 +91,8 @@ def to_speech_request(request: GenerateRequest, audio: np.ndarray | None, histor
     try:
         options = GenerationOptions(
             max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
-            frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty, seed=request.seed, first_chunk_units=request.first_chunk_units, chunk_units=request.chunk_units,
+            frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+            seed=request.seed, first_chunk_units=request.first_chunk_units, chunk_units=request.chunk_units,
             vocode=vocode)
     except ValueError as exc:
         raise RequestRefused(400, "bad_request", str(exc)) from exc

@@ -487,8 +487,8 @@ def create_demo(settings: WebSettings, gateway: Gateway | None = None, hub: Live
 
         outputs = [chat, status, notice, conversation, send, mic] + ([audio_out] if gradio_player else [])
         answering = send.click(
-            ui.answer, inputs=[live_key, mic, chat, conversation, model, temperature, top_p, repetition, max_new_tokens,
-                               first_chunk, chunk],
+            ui.answer, inputs=[live_key, mic, chat, conversation, model, temperature, top_p, repetition,
+                               max_new_tokens, first_chunk, chunk],
             outputs=outputs, js=None if gradio_player else SUBMIT_JS, concurrency_limit=settings.concurrency,
             show_progress="hidden")
         quiet = {"js": STOP_JS, "queue": False, "show_progress": "hidden"}
