@@ -201,7 +201,7 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
     engine = Engine(model, max_batch_size=1)
     espeak_settings = EspeakSettings.from_extras(model.config.extras)  # the vocoder's voice, speed and units
     # Only a model whose units are espeak-ng phonemes has a unit reference (not HiFi-GAN's HuBERT units).
-    phonemizer = phonemizer_for(espeak_settings) if "units" in model.config.extras else None
+    phonemizer = phonemizer_for(espeak_settings) if model.config.vocoder == "espeak" else None
     samples: list[Sample] = []
     direct_cache = shared.direct_heard
     try:
@@ -228,7 +228,8 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                 sample.speech_heard = heard(judge, speech) if speech.size else ""
                 sample.speech_errors = edit_distance(reference, words(sample.speech_heard))
                 if final.text not in direct_cache:
-                    direct_cache[final.text] = heard(judge, espeak(final.text, espeak_settings.voice, espeak_settings.speed))
+                    direct_speech = espeak(final.text, espeak_settings.voice, espeak_settings.speed)
+                    direct_cache[final.text] = heard(judge, direct_speech)
                 sample.direct_heard = direct_cache[final.text]
                 sample.direct_errors = edit_distance(reference, words(sample.direct_heard))
                 if phonemizer is not None:

@@ -16,8 +16,7 @@ def penalized(logits: torch.Tensor, generated: list[int], frequency_penalty: flo
     """`logits` less `frequency_penalty` per earlier use of each token and `presence_penalty` once for any use."""
     if not generated or (frequency_penalty == 0 and presence_penalty == 0):
         return logits
-    counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
-    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1]).to(logits.dtype)
     return logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
 
 
