@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,6 @@ def test_resume_continues_from_the_saved_step_exactly(data_file, tmp_path):
 
 
 def replace_steps(steps: int, config: TrainConfig = SMALL) -> TrainConfig:
-    from dataclasses import replace
-
     return replace(config, steps=steps)
 
 
@@ -324,6 +323,36 @@ def test_a_run_warm_starts_from_an_exported_decoder_alone(fixture_model, data_fi
         Trainer(data, tmp_path / "other", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(exported)
     with pytest.raises(ValueError, match="neither"):
         Trainer(data, tmp_path / "none", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path)
+
+
+def test_averaged_decoder_is_the_mean_of_its_runs_and_warm_starts_a_run(data_file, tmp_path):
+    """`average-decoders` of a run and its continuation: fp16 weights halfway between the two runs'
+    checkpoints, a shape record naming both, loadable by the training pipeline; other shapes refused."""
+    data = CTCData.load(data_file)
+    Trainer(data, tmp_path / "first", replace_steps(3), device="cpu").run()
+    later = Trainer(data, tmp_path / "later", replace_steps(6), device="cpu")
+    later.warm_start(tmp_path / "first")
+    later.run()
+    assert main(["average-decoders", str(tmp_path / "first"), str(tmp_path / "later"), "--out",
+                 str(tmp_path / "mean")]) == 0
+    first, second = (torch.load(tmp_path / run / CHECKPOINT_FILE, weights_only=False)["model"]
+                     for run in ("first", "later"))
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+    tuned = Trainer(data, tmp_path / "tuned", SMALL, device="cpu")
+    tuned.warm_start(tmp_path / "mean")  # the exported files alone, as `train --init-from` reads them
+    for name, value in tuned.generator.state_dict().items():
+        torch.testing.assert_close(value, ((first[name] + second[name]) / 2).half().float())
+    shape = json.loads((tmp_path / "mean" / SHAPE_FILE).read_text())
+    assert shape["averaged_from"] == [{"run": "first", "step": 3}, {"run": "later", "step": 6}]
+    assert shape["step"] == 6 and shape["hidden"] == SMALL.hidden
+
+    Trainer(data, tmp_path / "wider", replace(SMALL, hidden=48, steps=1), device="cpu").run()
+    with pytest.raises(SystemExit, match="hidden"):
+        main(["average-decoders", str(tmp_path / "first"), str(tmp_path / "wider"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="two runs"):
+        main(["average-decoders", str(tmp_path / "first"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no ctc_decoder.json"):
+        main(["average-decoders", str(tmp_path / "first"), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
 
 
 def test_commands_are_registered_and_train_resumes(data_file, tmp_path):

@@ -48,6 +48,7 @@ from omni_serve.model.espeak import (
     EspeakSettings,
     EspeakTextUnitStream,
     EspeakVocoder,
+    EspeakVocoderStream,
     phonemizer_for,
     split_mnemonics,
     units_to_phoneme_text,
@@ -287,6 +288,26 @@ def test_vocoder_streams_whole_words_at_16k():
     assert rest.size > 0
     whole = vocoder.vocode(units)
     assert 0.3 * 16_000 < whole.size < 2.0 * 16_000 and np.abs(whole).max() > 0.05
+
+
+def test_vocoder_stream_waits_for_clause_ends_only_while_audio_is_in_hand():
+    settings = EspeakSettings()
+    index = {name: i for i, name in enumerate(settings.units)}
+    hello, world = ["h", "@", "l", "'", "oU", WORD_BOUNDARY], ["w", "'", "3:", "l", "d", WORD_BOUNDARY]
+    now = [0.0]
+    stream = EspeakVocoderStream(EspeakVocoder(settings), clock=lambda: now[0])
+
+    def push(names: list[str], final: bool = False) -> float:
+        return stream.push([index[n] for n in names], final).size / 16_000
+
+    assert push(hello + world * 4 + hello[:3]) > 2.0  # nothing in hand yet: every complete word is spoken
+    assert stream.in_hand_s() > 2.0  # the clock has not moved: none of it has played
+    assert push(hello[3:] + world[:-1] + [PAUSE] + hello) > 0  # through the clause end ...
+    assert stream.pending == hello  # ... the word after it waits for its clause
+    assert push(world) == 0  # still a clause open and audio in hand: nothing new is spoken
+    now[0] = 60.0  # playback caught up
+    assert stream.in_hand_s() < 0 and push([]) > 0 and stream.pending == []
+    assert push(hello[:2], final=True) > 0  # the last push speaks what is left, word or not
 
 
 # --- end to end ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "worker": "omni_serve.cli.worker",
     "make-data": "omni_serve.cli.make_data",
     "train": "omni_serve.cli.train",
+    "average-decoders": "omni_serve.cli.average_decoders",
     "make-transcriber-data": "omni_serve.cli.make_transcriber_data",
     "train-transcriber": "omni_serve.cli.train_transcriber",
 }

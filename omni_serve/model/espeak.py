@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -46,6 +48,7 @@ FOLLOWER = "bob"  # a stressed word that espeak never merges with the one before
 MARKDOWN = re.compile(r"[*#`~]+")  # chat answers use markdown; espeak would read "asterisk"
 WORD_GAP_S = 0.04  # silence after a streamed chunk that ends between words
 PAUSE_GAP_S = 0.25  # ... and after one that ends a clause
+HOLD_AHEAD_S = 2.0  # audio in hand above which a streamed chunk waits for its clause to end
 SILENCE_LEVEL = 1e-3
 TIMEOUT_S = 30
 
@@ -263,16 +266,41 @@ class EspeakVocoder:
 
 
 class EspeakVocoderStream:
-    """Speaks whole words as they arrive: units after the last word boundary wait for the next push."""
+    """Speaks whole words as they arrive, and whole clauses once the listener has audio in hand.
 
-    def __init__(self, vocoder: EspeakVocoder) -> None:
+    Each espeak-ng call is read as a sentence of its own (its own intonation and a falling end), so a
+    chunk that stops mid-clause puts a sentence's end inside a clause: on the quality benchmark's
+    40 answers, Whisper misheard 22.1% of the learned generator's words spoken in the engine's
+    40-unit chunks, 19.3% when later chunks ended at clause ends, 18.2% spoken in one call (on
+    other answers it made no difference; the model card has both). So while more than `HOLD_AHEAD_S` of audio is in hand, units after the last clause end wait for
+    it to finish; with less (the first chunk, a slow decode) every complete word is spoken at once,
+    so prosody never costs the listener a wait.
+    """
+
+    def __init__(self, vocoder: EspeakVocoder, clock: Callable[[], float] = time.monotonic) -> None:
         self.vocoder = vocoder
+        self.clock = clock
         self.pending: list[str] = []
+        self.started_at: float | None = None  # when the first audio left
+        self.spoken_s = 0.0
 
     def push(self, units: list[int], final: bool) -> np.ndarray:
         names = self.vocoder.names
         self.pending.extend(names[u] for u in units if 0 <= u < len(names))
-        ends = [i for i, name in enumerate(self.pending) if name in (WORD_BOUNDARY, PAUSE)]
-        cut = len(self.pending) if final else (ends[-1] + 1 if ends else 0)
+        cut = len(self.pending) if final else self._cut()
         ready, self.pending = self.pending[:cut], self.pending[cut:]
-        return self.vocoder.speak(ready, final) if ready else np.zeros(0, dtype=np.float32)
+        audio = self.vocoder.speak(ready, final) if ready else np.zeros(0, dtype=np.float32)
+        if audio.size:
+            self.started_at = self.clock() if self.started_at is None else self.started_at
+            self.spoken_s += audio.size / SAMPLE_RATE
+        return audio
+
+    def in_hand_s(self) -> float:
+        """Audio sent but not yet played, if playback began when the first audio left."""
+        return 0.0 if self.started_at is None else self.spoken_s - (self.clock() - self.started_at)
+
+    def _cut(self) -> int:
+        """How many pending units to speak now: up to the last clause end, or the last word end."""
+        stops = (PAUSE,) if self.in_hand_s() > HOLD_AHEAD_S else (WORD_BOUNDARY, PAUSE)
+        ends = [i for i, name in enumerate(self.pending) if name in stops]
+        return ends[-1] + 1 if ends else 0
