@@ -272,9 +272,10 @@ class EspeakVocoderStream:
     chunk that stops mid-clause puts a sentence's end inside a clause: on the quality benchmark's
     40 answers, Whisper misheard 22.1% of the learned generator's words spoken in the engine's
     40-unit chunks, 19.3% when later chunks ended at clause ends, 18.2% spoken in one call (on
-    other answers it made no difference; the model card has both). So while more than `HOLD_AHEAD_S` of audio is in hand, units after the last clause end wait for
-    it to finish; with less (the first chunk, a slow decode) every complete word is spoken at once,
-    so prosody never costs the listener a wait.
+    other answers it made no difference; the model card has both). So while more than
+    `HOLD_AHEAD_S` of audio is in hand, units after the last clause end wait for it to finish; with
+    less (the first chunk, a slow decode) every complete word is spoken at once, so prosody never
+    costs the listener a wait.
     """
 
     def __init__(self, vocoder: EspeakVocoder, clock: Callable[[], float] = time.monotonic) -> None:
