@@ -15,6 +15,7 @@ import json
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,19 @@ def make_generator(config: TrainConfig, data: CTCData) -> CTCSpeechGenerator:
                               token_embedding=config.token_embedding, token_positions=config.token_positions,
                               token_spelling=config.token_spelling,
                               spelling_context=(config.spelling_before, config.spelling_after))
+
+
+def saved_decoder(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A run's decoder weights in float32 and the fields of its shape: from its checkpoint when it has
+    one (exact; the training config, which lists no units), else from its exported fp16 decoder and
+    shape record (which does)."""
+    if (run / CHECKPOINT_FILE).is_file():
+        checkpoint = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return checkpoint["model"], checkpoint["config"]
+    if not (run / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{run} holds neither a {CHECKPOINT_FILE} nor an exported {WEIGHTS_FILE}")
+    weights = {name: value.float() for name, value in load_file(str(run / WEIGHTS_FILE)).items()}
+    return weights, json.loads((run / SHAPE_FILE).read_text())
 
 
 def edit_distance(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> int:
@@ -162,17 +176,11 @@ class Trainer(ResumableTraining):
         self.generator.load_state_dict(state)
 
     def _decoder_in(self, run: Path) -> tuple[dict[str, torch.Tensor], TrainConfig]:
-        """The weights and shape of a run's checkpoint, else of its exported fp16 decoder (as float32,
-        whose units must be this data's, in this order: the output rows are read by position)."""
-        if (run / CHECKPOINT_FILE).is_file():
-            checkpoint = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-            return checkpoint["model"], TrainConfig(**checkpoint["config"])
-        if not (run / WEIGHTS_FILE).is_file():
-            raise ValueError(f"{run} holds neither a {CHECKPOINT_FILE} nor an exported {WEIGHTS_FILE}")
-        shape = json.loads((run / SHAPE_FILE).read_text())
-        if shape["units"] != self.data.unit_names:
+        """The weights and shape of a run's decoder (`saved_decoder`); an exported one's units must be
+        this data's, in this order (the output rows are read by position)."""
+        weights, shape = saved_decoder(run)
+        if "units" in shape and shape["units"] != self.data.unit_names:
             raise ValueError(f"{run}'s decoder speaks other units than this data's")
-        weights = {name: value.float() for name, value in load_file(str(run / WEIGHTS_FILE)).items()}
         return weights, TrainConfig(**{f.name: shape[f.name] for f in fields(TrainConfig) if f.name in shape})
 
     def describe(self) -> str:

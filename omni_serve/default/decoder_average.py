@@ -15,23 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from omni_serve.default.ctc_train import SHAPE_FILE, WEIGHTS_FILE
-from omni_serve.default.training_run import CHECKPOINT_FILE
+from omni_serve.default.ctc_train import SHAPE_FILE, WEIGHTS_FILE, saved_decoder
 
 ARCHITECTURE = ("layers", "hidden", "heads", "ffn", "upsample_factor", "token_embedding", "token_positions",
                 "token_spelling", "spelling_before", "spelling_after", "number_places", "llm_hidden", "units",
                 "rope_theta")
-
-
-def decoder_weights(run: Path) -> dict[str, torch.Tensor]:
-    """A run's weights in float32: its checkpoint's when it has one (exact), else its exported fp16 ones."""
-    if (run / CHECKPOINT_FILE).is_file():
-        return torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
-    if (run / WEIGHTS_FILE).is_file():
-        return {name: value.float() for name, value in load_file(str(run / WEIGHTS_FILE)).items()}
-    raise ValueError(f"{run} holds neither a {CHECKPOINT_FILE} nor an exported {WEIGHTS_FILE}")
 
 
 def decoder_shape(run: Path) -> dict[str, Any]:
@@ -50,7 +40,7 @@ def average_decoders(runs: Sequence[Path], out: Path) -> dict[str, Any]:
         differ = [key for key in ARCHITECTURE if shape.get(key) != shapes[0].get(key)]
         if differ:
             raise ValueError(f"{run} holds a decoder of another shape than {runs[0]} ({', '.join(differ)} differ)")
-    weights = [decoder_weights(run) for run in runs]
+    weights = [saved_decoder(run)[0] for run in runs]
     sizes = {name: tuple(value.shape) for name, value in weights[0].items()}
     for run, other in zip(runs[1:], weights[1:]):
         if {name: tuple(value.shape) for name, value in other.items()} != sizes:
