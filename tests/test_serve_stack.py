@@ -130,6 +130,8 @@ def test_errors_come_before_the_stream_with_clear_codes(stack):
         response = post(worker, body, headers)
         assert (response.status_code, response.json()["code"]) == (status, code), (body.keys(), response.text)
         assert response.json()["message"]
+    refused = post(worker, {"pcm16_b64": pcm(1), "temperature": -1}, auth).json()["message"]
+    assert refused.startswith("invalid request: temperature: ")  # the field, as the client wrote it
     too_big = post(worker, None, auth, content=b"x" * (3 * 1024 * 1024))  # the workers here cap bodies at 2 MiB
     assert too_big.status_code == 413 and too_big.json()["code"] == "too_large"
     assert worker_status(worker.url)["queue_length"] == 0  # refusals hold no slot

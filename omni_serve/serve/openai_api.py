@@ -39,6 +39,7 @@ from omni_serve.serve.protocol import (
     StreamEvent,
     TextEvent,
 )
+from omni_serve.serve.validation import validation_message
 
 AUDIO_LIFETIME_S = 3600
 DISCONNECT_POLL_S = 0.25  # how often a collected (non-streamed) answer checks that its client is still there
@@ -263,9 +264,14 @@ def create_openai_router(backend: ChatBackend) -> APIRouter:
         try:
             check_key(authorization)
             try:
-                body = ChatCompletionRequest.model_validate(await request.json())
-            except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise OpenAIError(400, f"invalid request: {exc}", "invalid_request") from exc
+                data = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OpenAIError(400, f"invalid request: the body is not JSON ({exc})", "invalid_request") from exc
+            try:
+                body = ChatCompletionRequest.model_validate(data)
+            except ValidationError as exc:
+                message, param = validation_message(exc, data)
+                raise OpenAIError(400, message, "invalid_request", param) from exc
             generate = to_generate_request(body, transcripts)
             events = backend.stream(generate)
             first = await anext(events, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 import numpy as np
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from omni_serve.engine import (
     prepare_waveform,
 )
 from omni_serve.serve.protocol import GenerateRequest
+from omni_serve.serve.validation import validation_message
 
 
 class RequestRefused(Exception):
@@ -40,8 +42,11 @@ def parse_request(body: bytes) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate_json(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-        raise RequestRefused(400, "bad_request", f"invalid request: {problems}") from exc
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None  # pydantic's own error then says the JSON is invalid
+        raise RequestRefused(400, "bad_request", validation_message(exc, data)[0]) from exc
 
 
 def is_reference_shape(request: GenerateRequest) -> bool:
