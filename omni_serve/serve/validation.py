@@ -35,7 +35,8 @@ def client_path(loc: tuple[int | str, ...], data: Any) -> tuple[str, ...]:
     return tuple(path)
 
 
-def describe(path: tuple[str, ...]) -> str:
+def dotted(path: tuple[str, ...]) -> str:
+    """The path as a client would write it in code, `messages[0].content`; "body" for the request itself."""
     return "".join(part if part.startswith("[") or not index else f".{part}" for index, part in enumerate(path)) or "body"
 
 
@@ -50,7 +51,7 @@ def validation_problems(exc: ValidationError, data: Any) -> list[tuple[str, str]
     problems: list[tuple[str, str]] = []
     for path, message in found:
         shadowed = any(len(other) > len(path) and other[: len(path)] == path for other in paths)
-        problem = (describe(path), message)
+        problem = (dotted(path), message)
         if not shadowed and problem not in problems:
             problems.append(problem)
     return problems[:MAX_PROBLEMS]
