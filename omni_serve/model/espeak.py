@@ -292,7 +292,8 @@ class EspeakVocoderStream:
         ready, self.pending = self.pending[:cut], self.pending[cut:]
         audio = self.vocoder.speak(ready, final) if ready else np.zeros(0, dtype=np.float32)
         if audio.size:
-            self.started_at = self.clock() if self.started_at is None else self.started_at
+            if self.started_at is None:
+                self.started_at = self.clock()
             self.spoken_s += audio.size / SAMPLE_RATE
         return audio
 
