@@ -325,6 +325,22 @@ def test_a_run_warm_starts_from_an_exported_decoder_alone(fixture_model, data_fi
         Trainer(data, tmp_path / "none", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path)
 
 
+def test_a_run_on_the_test_device_warm_starts_from_a_decoder_saved_on_cpu(fixture_model, data_file, tmp_path, device):
+    """`train --init-from` on a GPU reads the saved decoder on the CPU and must move it to the run's
+    device (it once failed there on the spelling table; run with `--device cuda`)."""
+    data = CTCData.load(data_file)
+    Trainer(data, tmp_path / "cpu", replace_steps(2, SPELLING), device="cpu", tokenizer=fixture_model.tokenizer).run()
+    saved = torch.load(tmp_path / "cpu" / CHECKPOINT_FILE, weights_only=False)["model"]
+    tuned = Trainer(data, tmp_path / "here", replace_steps(3, CONTEXT), device=str(device), tokenizer=fixture_model.tokenizer)
+    tuned.warm_start(tmp_path / "cpu")
+    state = tuned.generator.state_dict()
+    positions = "spelling_attn.char_position_embed.weight"
+    assert {value.device.type for value in state.values()} == {device.type}
+    assert torch.equal(state[positions][:6].cpu(), saved[positions])
+    tuned.run()
+    assert tuned.step == 3
+
+
 def test_averaged_decoder_is_the_mean_of_its_runs_and_warm_starts_a_run(data_file, tmp_path):
     """`average-decoders` of a run and its continuation: fp16 weights halfway between the two runs'
     checkpoints, a shape record naming both, loadable by the training pipeline; other shapes refused."""

@@ -166,6 +166,7 @@ class Trainer(ResumableTraining):
         if set(old) != set(state):
             raise ValueError(f"{run} holds a decoder of another kind (weights differ: {sorted(set(old) ^ set(state))})")
         for name, value in old.items():
+            value = value.to(state[name].device)
             if name.endswith("char_position_embed.weight"):  # the layout may differ at the same size
                 moves = spelling_position_rows(old_config, self.config)
                 state[name][[new for _, new in moves]] = value[[old_row for old_row, _ in moves]]
