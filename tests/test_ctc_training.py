@@ -376,9 +376,10 @@ def test_commands_are_registered_and_train_resumes(data_file, tmp_path):
     common = ["train", "--data", str(data_file), "--out", str(tmp_path), "--layers", "1", "--hidden", "32",
               "--heads", "2", "--ffn", "64", "--upsample", "4", "--eval-every", "2", "--checkpoint-every", "2",
               "--no-autocast", "--device", "cpu"]
-    assert main(common + ["--steps", "2"]) == 0
+    assert main(common + ["--steps", "2", "--warmup-steps", "3"]) == 0
     assert main(common + ["--steps", "4", "--resume"]) == 0
-    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["step"] == 4
+    checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["warmup_steps"] == 3  # resuming keeps the schedule
 
 
 def test_train_command_makes_a_spelling_decoder_with_the_models_tokenizer(data_file, tmp_path):

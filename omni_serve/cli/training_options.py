@@ -16,6 +16,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings, th
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="steps of linear warm-up to --lr (a run from scratch at a large batch wants more)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
@@ -27,8 +29,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: RunSettings, th
 
 def run_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the shared options set."""
-    return {"learning_rate": args.lr, "batch_size": args.batch_size, "steps": args.steps,
-            "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every, "seed": args.seed,
+    return {"learning_rate": args.lr, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
+            "steps": args.steps, "checkpoint_every": args.checkpoint_every, "eval_every": args.eval_every, "seed": args.seed,
             "autocast": not args.no_autocast}
 
 
