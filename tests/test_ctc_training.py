@@ -325,6 +325,21 @@ def test_a_run_warm_starts_from_an_exported_decoder_alone(fixture_model, data_fi
         Trainer(data, tmp_path / "none", CONTEXT, device="cpu", tokenizer=fixture_model.tokenizer).warm_start(tmp_path)
 
 
+def test_train_takes_the_shape_it_is_not_given_from_the_decoder_it_starts_from(data_file, tmp_path):
+    """Fine-tuning a decoder whose shape is not the defaults' (the shipped one) needs no shape flags;
+    a flag given still wins (and a shape that does not fit the weights is refused)."""
+    base = ["train", "--data", str(data_file), "--no-autocast", "--device", "cpu", "--steps", "1"]
+    assert main(base + ["--out", str(tmp_path / "small"), "--layers", "1", "--hidden", "32", "--heads", "2",
+                        "--ffn", "64", "--upsample", "4"]) == 0
+    assert main(base + ["--out", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "small")]) == 0
+    shape = json.loads((tmp_path / "tuned" / SHAPE_FILE).read_text())
+    assert (shape["layers"], shape["hidden"], shape["heads"], shape["ffn"], shape["upsample_factor"]) == (1, 32, 2, 64, 4)
+    with pytest.raises(SystemExit, match="--init-from"):
+        main(base + ["--out", str(tmp_path / "wider"), "--hidden", "48", "--init-from", str(tmp_path / "small")])
+    with pytest.raises(SystemExit, match="--init-from"):
+        main(base + ["--out", str(tmp_path / "none"), "--init-from", str(tmp_path / "missing")])
+
+
 def test_a_run_on_the_test_device_warm_starts_from_a_decoder_saved_on_cpu(fixture_model, data_file, tmp_path, device):
     """`train --init-from` on a GPU reads the saved decoder on the CPU and must move it to the run's
     device (it once failed there on the spelling table; run with `--device cuda`)."""

@@ -8,6 +8,9 @@ from pathlib import Path
 from omni_serve.cli.training_options import add_run_arguments, run_fields, train_and_report
 
 HELP = "train a CTC speech decoder on make-data output (resumable)"
+# the decoder's shape options: (flag, TrainConfig field, help prefix); unset, they follow --init-from
+SHAPE_OPTIONS = (("--layers", "layers", ""), ("--hidden", "hidden", ""), ("--heads", "heads", ""), ("--ffn", "ffn", ""),
+                 ("--upsample", "upsample_factor", "lambda, positions per token; "))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,11 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     parser.add_argument("--data", required=True, nargs="+", help="files written by make-data (joined)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, exported decoder")
-    parser.add_argument("--layers", type=int, default=defaults.layers)
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--ffn", type=int, default=defaults.ffn)
-    parser.add_argument("--upsample", type=int, default=defaults.upsample_factor, help="lambda: positions per token")
+    for flag, field, extra in SHAPE_OPTIONS:
+        parser.add_argument(flag, type=int, default=None,
+                            help=f"{extra}default: the --init-from decoder's, else {getattr(defaults, field)}")
     parser.add_argument("--hidden-only", action="store_true", help="no token embedding beside the hidden state")
     parser.add_argument("--spelling", type=int, default=defaults.token_spelling,
                         help="characters of each chosen token the decoder reads (0: none; needs --model-path)")
@@ -39,6 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       threads_help="CPU threads (1 by default: on a shared 2-core machine 2 threads ran 20x slower)")
 
 
+def decoder_shape(args: argparse.Namespace) -> dict[str, int]:
+    """The shape options given; those not given from the --init-from decoder (so that fine-tuning a
+    decoder of another shape than the defaults, such as the shipped one, needs no shape flags), else
+    the defaults."""
+    from omni_serve.default.ctc_train import saved_decoder
+
+    given = {field: getattr(args, flag[2:]) for flag, field, _ in SHAPE_OPTIONS}
+    if args.init_from and None in given.values():
+        try:
+            inherited = saved_decoder(Path(args.init_from))[1]
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--init-from: {exc}") from exc
+        given = {field: inherited[field] if value is None else value for field, value in given.items()}
+    return {field: value for field, value in given.items() if value is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -47,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from omni_serve.default.ctc_train import TrainConfig, Trainer
     from omni_serve.model.loader import load_tokenizer
 
-    config = TrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
-                         upsample_factor=args.upsample, token_embedding=not args.hidden_only,
+    config = TrainConfig(**decoder_shape(args), token_embedding=not args.hidden_only,
                          token_spelling=args.spelling, spelling_before=args.spelling_context[0],
                          spelling_after=args.spelling_context[1], number_places=args.number_places,
                          **run_fields(args))
