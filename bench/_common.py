@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/NAME.py` without installing
     sys.path.insert(0, str(ROOT))
 
+from omni_serve.cli.infer import DTYPE_CHOICES, DTYPE_HELP  # after the path above
+
 FIXTURES = ROOT / "tests" / "fixtures" / "llama-omni-ref"
 FIXTURE_MODEL = FIXTURES / "omni-tiny-ref"
 FIXTURE_VOCODER = FIXTURES / "vocoder-tiny-ref"
@@ -64,8 +66,7 @@ def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] 
                         help="keep OpenMP's default spin-waiting (faster when idle, far slower on shared cores)")
     if devices:
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-        parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16, "
-                                                           "bfloat16")
+        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     if add:
         add(parser)
     args = parser.parse_args()

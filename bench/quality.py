@@ -241,10 +241,10 @@ def evaluate(model_path: Path, label: str, questions: list[tuple[str, str]], voi
                       f"rougeL={sample.rouge_l:.2f} first_audio={sample.first_audio_s:.2f}s", file=sys.stderr)
     finally:
         engine.close()
-    return summarize(samples, label)
+    return summarize(samples, label, engine.placement)
 
 
-def summarize(samples: list[Sample], label: str) -> dict:
+def summarize(samples: list[Sample], label: str, placement: str) -> dict:
     n = len(samples)
     total_words = sum(s.answer_words for s in samples) or 1
     first_audio = sorted(s.first_audio_s for s in samples if s.first_audio_s is not None)
@@ -270,7 +270,7 @@ def summarize(samples: list[Sample], label: str) -> dict:
         "latency": {"first_audio_s_median": statistics.median(first_audio) if first_audio else None,
                     "first_audio_s_p90": first_audio[int(0.9 * (len(first_audio) - 1))] if first_audio else None,
                     "first_audio_s_max": first_audio[-1] if first_audio else None,
-                    "where": f"in-process engine, batch 1, CPU threads: {torch.get_num_threads()}"},
+                    "where": f"in-process engine ({placement}), batch 1, CPU threads: {torch.get_num_threads()}"},
         "memory": {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
         "load_average_1m": os.getloadavg()[0],  # other work on the machine inflates every timing
         "samples": [asdict(s) for s in samples],

@@ -28,6 +28,7 @@ from omni_serve.default.build import (
     convert_base_whisper,
     is_built,
 )
+from omni_serve.default.ctc_train import edit_distance
 from omni_serve.default.gguf_llama import unpermute_rope
 from omni_serve.default.whisper_lora import SHAPE_FILE as LORA_SHAPE_FILE
 from omni_serve.default.whisper_lora import decoder_target_names, merge_lora
@@ -41,6 +42,7 @@ from omni_serve.engine import (
     TextDelta,
     prepare_waveform,
 )
+from omni_serve.model import loader
 from omni_serve.model.espeak import (
     PAUSE,
     UNIT_INVENTORY,
@@ -54,7 +56,7 @@ from omni_serve.model.espeak import (
     units_to_phoneme_text,
     wav_samples,
 )
-from omni_serve.model.loader import load_model
+from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import template_from_config
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
 from omni_serve.model.transcription import TranscriptionFrontEnd, as_typed
@@ -86,7 +88,9 @@ def built_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol(built_dir):
-    return load_model(built_dir, device="cpu")
+    """In fp32 (the same answers on every CI machine); `test_the_default_runs_in_bf16_where_the_cpu_has_it`
+    covers the bf16 that "auto" picks on CPUs with native bf16."""
+    return load_model(built_dir, device="cpu", dtype="float32")
 
 
 # --- conversions ---------------------------------------------------------------------------------
@@ -314,13 +318,18 @@ def test_vocoder_stream_waits_for_clause_ends_only_while_audio_is_in_hand():
 
 
 def test_spoken_question_gets_text_and_matching_speech(smol):
-    """Speak a question, get text and audio; Whisper's transcript of the audio is close to the text.
+    """Speak a question, get text and audio; Whisper's transcript of the audio is close to the text."""
+    assert_spoken_answer_is_heard(smol)
 
-    "Close" is measured against espeak-ng reading the same text directly: Whisper tiny.en mishears
+
+def assert_spoken_answer_is_heard(model: OmniModel) -> None:
+    """Text and streamed audio come back for a spoken question, and the audio says the text.
+
+    "Says" is measured against espeak-ng reading the same text directly: Whisper tiny.en mishears
     espeak's voice on its own (about 15-25% WER), so the streamed speech may add at most 20 points.
     """
     audio = espeak_question(QUESTION)
-    engine = Engine(smol, max_batch_size=1)
+    engine = Engine(model, max_batch_size=1)
     try:
         events = list(engine.generate(SpeechRequest(audio, GenerationOptions(max_new_tokens=40))))
     finally:
@@ -332,11 +341,29 @@ def test_spoken_question_gets_text_and_matching_speech(smol):
     assert len(chunks) >= 1 and all(c.sample_rate == 16_000 for c in chunks)
     speech = np.concatenate([c.samples for c in chunks])
     assert speech.size > 16_000 * 0.5
-    settings = smol.vocoder.settings
+    settings = model.vocoder.settings
     direct = espeak_question(final.text, settings.voice, settings.speed)
-    streamed_wer = word_error_rate(final.text, smol.front_end.transcribe(speech))
-    assert streamed_wer <= word_error_rate(final.text, smol.front_end.transcribe(direct)) + 0.2
+    streamed_wer = word_error_rate(final.text, model.front_end.transcribe(speech))
+    assert streamed_wer <= word_error_rate(final.text, model.front_end.transcribe(direct)) + 0.2
     assert streamed_wer <= 0.6
+
+
+def test_the_default_runs_in_bf16_where_the_cpu_has_it(built_dir, monkeypatch):
+    """"auto" on a CPU with native bf16 runs the LLM in the model's `cpu_dtype` (bf16 halves the bytes each
+    token reads: the default's main CPU cost), keeps Whisper in fp32, and still answers aloud; on a CPU
+    without it (emulated bf16 is slower than fp32), fp32."""
+    assert json.loads((built_dir / "config.json").read_text())["omni_serve"]["cpu_dtype"] == "bfloat16"
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert loader.pick_dtype(torch.device("cpu"), "auto", "bfloat16") == torch.float32
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    assert loader.pick_dtype(torch.device("cpu"), "auto", None) == torch.float32
+    assert loader.pick_dtype(torch.device("cpu"), "float32", "bfloat16") == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'half'; choose from auto, float32"):
+        loader.pick_dtype(torch.device("cpu"), "half")
+    model = load_model(built_dir, device="cpu")
+    assert model.network.lm_head.weight.dtype == torch.bfloat16
+    assert model.front_end.model.encoder.conv1.weight.dtype == torch.float32
+    assert_spoken_answer_is_heard(model)
 
 
 def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp_path_factory):
@@ -348,7 +375,7 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
 
     folder = build_default(tmp_path_factory.mktemp("learned") / "omni-smol-learned", progress=False,
                            generator="learned")
-    model = load_model(folder, device="cpu")
+    model = load_model(folder, device="cpu", dtype="float32")
     assert model.config.unit_generator == "ctc" and model.config.ctc_token_embedding
     assert model.name == "omni-smol-learned"
     generator = model.network.speech_generator
@@ -365,6 +392,15 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
         assert sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
         assert offline and events[-1].units == offline
     assert events[-1].stopped_on_eos and any(c.isdigit() for c in events[-1].text)
+
+    # In bf16 (what "auto" picks on CPUs with native bf16) the streamed units still spell the answer.
+    half = load_model(folder, device="cpu", dtype="bfloat16")
+    assert half.network.speech_generator.output_proj.weight.dtype == torch.bfloat16
+    events, _ = streamed_and_offline_units(half, QUESTION, max_new_tokens=24)
+    settings = EspeakSettings.from_extras(half.config.extras)
+    target = phonemizer_for(settings).text(events[-1].text)
+    spoken = [settings.units[u] for u in events[-1].units]
+    assert edit_distance(target, spoken) <= 0.15 * len(target)
 
 
 def test_demo_launches_the_stack_on_the_built_model():

@@ -27,6 +27,9 @@ from omni_serve.engine import (
 )
 
 HELP = "answer audio files offline and write text, units and speech"
+DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPE_HELP = ("auto: bf16 (else fp16) on CUDA; on CPU fp32, or the model's config.json `cpu_dtype` (omni-smol: "
+              "bfloat16) where the CPU has native bf16 (AVX512-BF16 or AMX)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocoder", help="fairseq unit HiFi-GAN folder (config.json + g_XXXXXXXX)")
     parser.add_argument("--speech-encoder", help="Whisper checkpoint; overrides the config's speech_encoder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16, bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

