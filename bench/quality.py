@@ -17,13 +17,13 @@ stream, vocoder), and compared with:
   HTTP streaming), where the worker's own peak RSS is read too;
 - memory: peak RSS of this process (models, engine and benchmark together, a high-water mark over
   the generators measured so far; `--stack` reads one worker's own).
-Both unit generators are measured on the same questions and voices, side by side: (a) espeak-ng
-phonemes of the streamed text (the default) and (b) the trained CTC speech decoder (built with
-`omni-serve build-default --unit-generator learned`). Their LLM and front end are the same, so
+Both unit generators are measured on the same questions and voices, side by side: (b) the trained
+CTC speech decoder (the default) and (a) espeak-ng phonemes of the streamed text (built with
+`omni-serve build-default --unit-generator espeak_text`). Their LLM and front end are the same, so
 understanding should agree; speech and latency are what differ.
 Every figure is printed as measured over the whole set; nothing is selected.
 
-    python bench/quality.py [--quick] [--json] [--stack] [--samples OUT.json] [--generators espeak_text,learned]
+    python bench/quality.py [--quick] [--json] [--stack] [--samples OUT.json] [--generators learned,espeak_text]
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Figures per stream count:
 
 Models: `fixture` (the test model: tiny, so per-row Python work dominates), `mid` (random, LLM
 hidden 1024 x 8 layers, speech decoder (2,512,8,1408): big enough that batching matters), and the
-embedded default with each unit generator, `omni-smol` (espeak_text: no speech decoder) and
-`omni-smol-learned` (its trained CTC decoder): the real model a CPU user runs (`--models` picks). The
+embedded default with each unit generator, `omni-smol` (its trained CTC decoder) and
+`omni-smol-espeak_text` (no speech decoder): the real model a CPU user runs (`--models` picks). The
 vocoder is off for the main figures (`--vocode` turns it on: it runs per request on the engine's
 vocoder thread, beside the decoding) since its cost is the vocoder bench's subject.
 """
@@ -29,13 +29,13 @@ import time
 
 GOAL_SPEEDUP = 4.0
 STREAMS = (1, 4, 8)
-MODEL_TOKENS = {"fixture": 128, "mid": 64, "omni-smol": 64, "omni-smol-learned": 64}  # tokens per stream
+MODEL_TOKENS = {"fixture": 128, "mid": 64, "omni-smol": 64, "omni-smol-espeak_text": 64}  # tokens per stream
 
 
 def add_options(parser) -> None:
     parser.add_argument("--vocode", action="store_true",
                         help="also run the vocoder (fixture vocoder for the fixture model)")
-    parser.add_argument("--models", default="fixture,mid,omni-smol,omni-smol-learned",
+    parser.add_argument("--models", default="fixture,mid,omni-smol,omni-smol-espeak_text",
                         help=f"comma-separated, from {', '.join(MODEL_TOKENS)}")
 
 

@@ -60,6 +60,7 @@ from omni_serve.model.loader import OmniModel, load_model
 from omni_serve.model.prompt import template_from_config
 from omni_serve.model.speech_encoder import load_whisper_checkpoint, log_mel_windows
 from omni_serve.model.transcription import TranscriptionFrontEnd, as_typed
+from omni_serve.model.units import CTCUnitStream
 
 QUESTION = "What is the capital of France?"
 
@@ -105,7 +106,7 @@ def test_rope_unpermute_inverts_llama_cpp_order():
 
 
 def test_build_is_reused_and_complete(built_dir):
-    assert is_built(built_dir, Sources.locate(), "espeak_text")
+    assert is_built(built_dir, Sources.locate(), "learned")
     assert build_default(built_dir) == built_dir  # current: returns without rebuilding
     for name in ("config.json", "model.safetensors", "tokenizer.json", SPEECH_ENCODER_FILE, "README.md"):
         assert (built_dir / name).is_file(), name
@@ -189,8 +190,8 @@ def test_default_loads_through_the_published_path(smol):
     assert smol.front_end.options.beam_size == 10 and smol.front_end.options.llm_rescoring_weight == 0.5  # config
     assert smol.front_end.scorer is not None and smol.front_end.scorer.network is smol.network
     assert isinstance(smol.vocoder, EspeakVocoder) and smol.vocoder.sample_rate == 16_000
-    assert isinstance(smol.new_unit_stream(), EspeakTextUnitStream)
-    assert not hasattr(smol.network.model, "speech_projector") and not hasattr(smol.network, "speech_generator")
+    assert isinstance(smol.new_unit_stream(), CTCUnitStream)  # generator (b), the trained decoder
+    assert not hasattr(smol.network.model, "speech_projector") and hasattr(smol.network, "speech_generator")
     assert torch.equal(smol.network.lm_head.weight, smol.network.model.embed_tokens.weight)  # tied in the file
     assert smol.config.llm.rope_parameters["rope_theta"] == 100000.0
 
@@ -362,22 +363,26 @@ def test_the_default_runs_in_bf16_where_the_cpu_has_it(built_dir, monkeypatch):
         loader.pick_dtype(torch.device("cpu"), "half")
     model = load_model(built_dir, device="cpu")
     assert model.network.lm_head.weight.dtype == torch.bfloat16
+    assert model.network.speech_generator.output_proj.weight.dtype == torch.bfloat16
     assert model.front_end.model.encoder.conv1.weight.dtype == torch.float32
     assert_spoken_answer_is_heard(model)
+    # The units of a typed answer still spell it (bf16 rounds the decoder's inputs and weights).
+    events, _ = streamed_and_offline_units(model, QUESTION, max_new_tokens=24)
+    settings = EspeakSettings.from_extras(model.config.extras)
+    target = phonemizer_for(settings).text(events[-1].text)
+    spoken = [settings.units[u] for u in events[-1].units]
+    assert edit_distance(target, spoken) <= 0.15 * len(target)
 
 
-def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp_path_factory):
-    """Generator (b): the shipped trained decoder, merged into its own folder, streams in the engine the
-    units that one full pass of the decoder (as in training) gives over the same answer."""
+def test_learned_generator_streams_what_the_trained_decoder_computes_offline(smol):
+    """Generator (b), the default: the shipped trained decoder, merged into the folder, streams in the
+    engine the units that one full pass of the decoder (as in training) gives over the same answer."""
     from safetensors.torch import load_file
 
     from omni_serve.default.build import CHECKPOINT_DIR
 
-    folder = build_default(tmp_path_factory.mktemp("learned") / "omni-smol-learned", progress=False,
-                           generator="learned")
-    model = load_model(folder, device="cpu", dtype="float32")
+    model = smol
     assert model.config.unit_generator == "ctc" and model.config.ctc_token_embedding
-    assert model.name == "omni-smol-learned"
     generator = model.network.speech_generator
     for key, value in load_file(str(CHECKPOINT_DIR / "ctc_decoder.safetensors")).items():
         assert torch.equal(generator.state_dict()[key], value.float()), key
@@ -393,14 +398,16 @@ def test_learned_generator_streams_what_the_trained_decoder_computes_offline(tmp
         assert offline and events[-1].units == offline
     assert events[-1].stopped_on_eos and any(c.isdigit() for c in events[-1].text)
 
-    # In bf16 (what "auto" picks on CPUs with native bf16) the streamed units still spell the answer.
-    half = load_model(folder, device="cpu", dtype="bfloat16")
-    assert half.network.speech_generator.output_proj.weight.dtype == torch.bfloat16
-    events, _ = streamed_and_offline_units(half, QUESTION, max_new_tokens=24)
-    settings = EspeakSettings.from_extras(half.config.extras)
-    target = phonemizer_for(settings).text(events[-1].text)
-    spoken = [settings.units[u] for u in events[-1].units]
-    assert edit_distance(target, spoken) <= 0.15 * len(target)
+
+def test_text_generator_builds_into_its_own_folder_and_answers_aloud(tmp_path_factory):
+    """Generator (a), espeak-ng phonemes of the streamed text: its own folder and name, no speech decoder."""
+    folder = build_default(tmp_path_factory.mktemp("text") / "omni-smol-espeak_text", progress=False,
+                           generator="espeak_text")
+    model = load_model(folder, device="cpu", dtype="float32")
+    assert model.name == "omni-smol-espeak_text" and model.config.unit_generator == "espeak_text"
+    assert isinstance(model.new_unit_stream(), EspeakTextUnitStream)
+    assert not hasattr(model.network, "speech_generator")
+    assert_spoken_answer_is_heard(model)
 
 
 def test_demo_launches_the_stack_on_the_built_model():

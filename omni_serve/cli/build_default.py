@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder to write (default: $OMNI_SERVE_HOME/omni-smol or ~/.cache/omni_serve/omni-smol)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is current")
     parser.add_argument("--unit-generator", choices=GENERATORS, default=GENERATORS[0],
-                        help="espeak_text: espeak-ng phonemes of the streamed text (default); learned: the trained "
-                             "CTC speech decoder in checkpoints/omni-smol/ (built into omni-smol-learned)")
+                        help="learned: the trained CTC speech decoder in checkpoints/omni-smol/ (default); "
+                             "espeak_text: espeak-ng phonemes of the streamed text (built into omni-smol-espeak_text)")
 
 
 def run(args: argparse.Namespace) -> int:
