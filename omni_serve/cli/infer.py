@@ -25,9 +25,10 @@ from omni_serve.engine import (
     SpeechRequest,
     load_audio,
 )
+from omni_serve.model.loader import DTYPES
 
 HELP = "answer audio files offline and write text, units and speech"
-DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 DTYPE_HELP = ("auto: bf16 (else fp16) on CUDA; on CPU fp32, or the model's config.json `cpu_dtype` (omni-smol: "
               "bfloat16) where the CPU has native bf16 (AVX512-BF16 or AMX)")
 
